@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="diffusers-var",
+    version="0.1.0",
+    description="VAR (Visual AutoRegressive modeling, next-scale prediction) as diffusers/transformers components",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    # src/diffusers_var/model_cards links to the top-level model_cards/, so the templates ship in the wheel
+    package_data={"diffusers_var": ["data/*.json", "model_cards/*.md"]},
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.42,<0.43",
+        "transformers>=5.0,<6",
+        "accelerate>=1.15",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "train": ["datasets>=3", "tensorboard"],
+        "test": ["pytest>=8", "scikit-learn", "ruff"],
+    },
+    entry_points={"console_scripts": ["diffusers-var=diffusers_var.cli:main"]},
+)

@@ -1,0 +1,35 @@
+"""diffusers-var: VAR (Visual AutoRegressive modeling) for diffusers and transformers.
+
+The public API: ``MultiScaleVQVAE`` (tokenizer), ``VARConfig``/``VARTransformer`` (next-scale predictor, also
+reachable through ``AutoConfig``/``AutoModel``), ``VARScaleScheduler`` (guidance and sampling) and ``VARPipeline``.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .models.transformer import (
+    VARConfig,
+    VARKVCache,
+    VARTransformer,
+    VARTransformerOutput,
+)
+from .models.vqvae import MultiScaleVQVAE, MultiScaleVQVAEOutput
+from .pipelines.var import VARPipeline, VARPipelineOutput
+from .schedulers.scale import VARScaleScheduler, VARSchedulerOutput
+
+__version__ = "0.1.0"
+
+AutoConfig.register(VARConfig.model_type, VARConfig, exist_ok=True)
+AutoModel.register(VARConfig, VARTransformer, exist_ok=True)
+
+__all__ = [
+    "MultiScaleVQVAE",
+    "MultiScaleVQVAEOutput",
+    "VARConfig",
+    "VARKVCache",
+    "VARPipeline",
+    "VARPipelineOutput",
+    "VARScaleScheduler",
+    "VARSchedulerOutput",
+    "VARTransformer",
+    "VARTransformerOutput",
+]

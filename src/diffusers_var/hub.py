@@ -1,0 +1,113 @@
+"""Files and the Hub: atomic folders, snapshot download, model cards and upload."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.constants import HF_HUB_OFFLINE
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename, on error it is removed.
+
+    A reader never sees a half-written ``target``: it is either the old folder, absent, or the complete new one.
+    """
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
+        os.rmdir(old)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def download_snapshot(repo_id: str, **kwargs) -> str:
+    """Resolve a Hub repo id to a local snapshot folder, honouring the usual diffusers loading options."""
+    ignore = kwargs.get("ignore_patterns")
+    if ignore is None and kwargs.get("use_safetensors") is not False:
+        ignore = ["*.bin", "*.pth", "*.ckpt", "*.msgpack", "*.onnx"]
+    return huggingface_hub.snapshot_download(
+        repo_id,
+        revision=kwargs.get("revision"),
+        cache_dir=kwargs.get("cache_dir"),
+        force_download=kwargs.get("force_download", False),
+        token=kwargs.get("token"),
+        local_files_only=kwargs.get("local_files_only") or HF_HUB_OFFLINE,
+        allow_patterns=kwargs.get("allow_patterns"),
+        ignore_patterns=ignore,
+        library_name="diffusers-var",
+    )
+
+
+def card_template(name: str) -> str:
+    """Text of the model card template ``model_cards/<name>.md``."""
+    folder = resources.files("diffusers_var").joinpath("model_cards")
+    path = folder.joinpath(f"{name}.md")
+    if not path.is_file():
+        available = sorted(p.name[:-3] for p in folder.iterdir() if p.name.endswith(".md"))
+        raise ValueError(f"No model card template {name!r}; available: {available}.")
+    return path.read_text(encoding="utf-8")
+
+
+def make_model_card(pipeline, template: str = "var", card_data: dict | None = None) -> ModelCard:
+    """Fill a card template with the pipeline's configuration; ``card_data`` adds or overrides fields."""
+    transformer, vqvae = pipeline.transformer.config, pipeline.vqvae.config
+    fields = {
+        "model_name": "VAR",
+        "depth": transformer.depth,
+        "embed_dim": transformer.embed_dim,
+        "num_classes": transformer.num_classes,
+        "vocab_size": vqvae.vocab_size,
+        "z_channels": vqvae.z_channels,
+        "patch_nums": tuple(vqvae.patch_nums),
+        "image_size": pipeline.vqvae.image_size,
+        "num_parameters": sum(p.numel() for p in pipeline.transformer.parameters()),
+        "repo_id": "path/to/this-model",
+    }
+    fields.update(card_data or {})
+    metadata = ModelCardData(
+        library_name="diffusers",
+        license=fields.get("license", "mit"),
+        pipeline_tag="unconditional-image-generation",
+        tags=["diffusers-var", "var", "class-conditional", "image-generation"],
+    )
+    text = card_template(template).format(**fields)
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{text}")
+
+
+def push_pipeline_to_hub(pipeline, repo_id, commit_message, private, token, create_pr, template, card_data) -> str:
+    """Save to a temporary folder with a model card and upload it as one commit; returns the commit URL."""
+    api = huggingface_hub.HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    card = make_model_card(pipeline, template, {"repo_id": repo_id, **(card_data or {})})
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline.save_pretrained(Path(tmp) / "pipeline")
+        card.save(Path(tmp) / "pipeline" / "README.md")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=Path(tmp) / "pipeline",
+            commit_message=commit_message or "Upload VARPipeline",
+            create_pr=create_pr,
+        )
+    return str(commit)

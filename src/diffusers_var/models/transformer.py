@@ -1,0 +1,530 @@
+"""VARTransformer: the class-conditional next-scale prediction transformer of VAR.
+
+Shapes: B batch, L = Σ pn² tokens over all scales, C = ``embed_dim``, V = ``vocab_size``, Cvae = ``latent_channels``.
+Position 0 .. first_l − 1 hold the class token(s); every later scale's positions hold the word-embedded f̂ of all
+coarser scales, area-pooled to that scale. A position sees every position of its own and coarser scales.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+# exp(logit_scale) is capped at 100, as in the official model; float32 log keeps the clamp bit-identical
+_MAX_LOGIT_SCALE = torch.tensor(100.0).log().item()
+
+
+def scale_level_ids(patch_nums, device: torch.device | None = None) -> torch.LongTensor:
+    """Scale index of each of the L positions, (L,)."""
+    sizes = torch.tensor([p * p for p in patch_nums], device=device)
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
+
+
+class VARConfig(PretrainedConfig):
+    r"""Configuration of a :class:`VARTransformer`. The defaults are VAR-d16.
+
+    Args:
+        num_classes: number of classes; the class embedding has one more row, the null class used for guidance.
+        vocab_size: codebook size V of the tokenizer.
+        latent_channels: code dimension Cvae of the tokenizer.
+        patch_nums: side of each scale's token map, coarse to fine.
+        depth, embed_dim, num_heads, mlp_ratio: transformer size.
+        norm_eps: LayerNorm epsilon.
+        shared_adaln: one AdaLN projection for all blocks plus a learned per-block offset (VAR-d36-s).
+        attn_l2_norm: L2-normalise queries and keys and learn a per-head logit scale.
+        class_dropout_prob: in training, the chance that a label is replaced by the null class (for guidance).
+        dropout, attention_dropout, drop_path_rate: regularisation in training.
+        label_smoothing: label smoothing of the training loss.
+        initializer_range: std of the truncated-normal init; ``None`` means sqrt(1 / (3·embed_dim)).
+        init_adaln, init_adaln_gamma, init_head: scales of the AdaLN, AdaLN gates and head at init.
+
+    Example:
+        ```py
+        >>> from diffusers_var import VARConfig, VARTransformer
+        >>> config = VARConfig(num_classes=10, vocab_size=64, latent_channels=8, patch_nums=(1, 2, 4),
+        ...                    depth=2, embed_dim=64, num_heads=2)
+        >>> model = VARTransformer(config)
+        >>> model.num_tokens
+        21
+        ```
+    """
+
+    model_type = "var"
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        vocab_size: int = 4096,
+        latent_channels: int = 32,
+        patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        depth: int = 16,
+        embed_dim: int = 1024,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-6,
+        shared_adaln: bool = False,
+        attn_l2_norm: bool = True,
+        class_dropout_prob: float = 0.1,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        label_smoothing: float = 0.0,
+        initializer_range: float | None = None,
+        init_adaln: float = 0.5,
+        init_adaln_gamma: float = 1e-5,
+        init_head: float = 0.02,
+        **kwargs,
+    ):
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}.")
+        if len(patch_nums) < 2 or list(patch_nums) != sorted(set(patch_nums)):
+            raise ValueError(f"patch_nums must be at least two strictly increasing sides, got {tuple(patch_nums)}.")
+        self.num_classes = num_classes
+        self.vocab_size = vocab_size
+        self.latent_channels = latent_channels
+        self.patch_nums = [int(p) for p in patch_nums]
+        self.depth = depth
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.norm_eps = norm_eps
+        self.shared_adaln = shared_adaln
+        self.attn_l2_norm = attn_l2_norm
+        self.class_dropout_prob = class_dropout_prob
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+        self.drop_path_rate = drop_path_rate
+        self.label_smoothing = label_smoothing
+        self.initializer_range = initializer_range
+        self.init_adaln = init_adaln
+        self.init_adaln_gamma = init_adaln_gamma
+        self.init_head = init_head
+        super().__init__(**kwargs)
+
+
+@dataclass
+class VARTransformerOutput(ModelOutput):
+    """Output of :meth:`VARTransformer.forward`.
+
+    Attributes:
+        loss: cross-entropy over all L positions, when ``labels`` are given.
+        logits: (B, L, V) next-scale logits.
+        hidden_states: the input of the first block and the output of every block, when asked for.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class VARKVCache:
+    """Keys and values of every block, preallocated for all L positions of a sample.
+
+    Each scale writes its pn² new keys and values in place; attention then reads the filled prefix. Nothing is
+    concatenated or reallocated while sampling.
+    """
+
+    def __init__(
+        self,
+        config: VARConfig,
+        batch_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        head_dim = config.embed_dim // config.num_heads
+        num_tokens = sum(p * p for p in config.patch_nums)
+        shape = (batch_size, config.num_heads, num_tokens, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.depth)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.depth)]
+        self.length = 0
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a scale's (B, H, l, d) keys and values after the filled prefix; return the prefix including them."""
+        end = self.length + key.shape[2]
+        self.keys[layer_idx][:, :, self.length : end] = key
+        self.values[layer_idx][:, :, self.length : end] = value
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        """Mark a scale's tokens as filled once every block has written them."""
+        self.length += num_tokens
+
+
+class VARAttention(nn.Module):
+    """Multi-head self-attention; keys carry no bias. With ``attn_l2_norm``, cosine attention with a learned scale."""
+
+    is_causal = False  # the block-causal mask is passed explicitly
+
+    def __init__(self, config: VARConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_dim = config.embed_dim // config.num_heads
+        self.l2_norm = config.attn_l2_norm
+        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(config.embed_dim))
+        self.v_bias = nn.Parameter(torch.zeros(config.embed_dim))
+        if self.l2_norm:
+            self.logit_scale = nn.Parameter(torch.full((1, self.num_heads, 1, 1), math.log(4.0)))
+            self.scale = 1.0
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.out_proj = nn.Linear(config.embed_dim, config.embed_dim)
+        self.attention_dropout = config.attention_dropout
+        self.out_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: VARKVCache | None = None,
+    ) -> torch.Tensor:
+        batch, length, channels = hidden.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(hidden, self.qkv.weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
+        if self.l2_norm:
+            query = F.normalize(query, dim=-1) * self.logit_scale.clamp_max(_MAX_LOGIT_SCALE).exp()
+            key = F.normalize(key, dim=-1)
+        if kv_cache is not None:
+            key, value = kv_cache.update(self.layer_idx, key, value)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale
+        )
+        return self.out_dropout(self.out_proj(out.transpose(1, 2).reshape(batch, length, channels)))
+
+
+class VARMLP(nn.Module):
+    def __init__(self, config: VARConfig):
+        super().__init__()
+        hidden = round(config.embed_dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(config.embed_dim, hidden)
+        self.fc2 = nn.Linear(hidden, config.embed_dim)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(hidden), approximate="tanh")))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch in training, rescaling the survivors."""
+
+    def __init__(self, prob: float):
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return hidden
+        keep = hidden.new_empty(hidden.shape[0], *([1] * (hidden.ndim - 1))).bernoulli_(1 - self.prob)
+        return hidden * keep / (1 - self.prob)
+
+
+class VARBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block whose LayerNorms are modulated by the class (AdaLN, with gates).
+
+    ``modulation`` is the class embedding (B, C), or with shared AdaLN the shared projection (B, 1, 6, C) to which
+    this block adds its ``scale_shift_table``.
+    """
+
+    def __init__(self, config: VARConfig, layer_idx: int, drop_path: float):
+        super().__init__()
+        channels = config.embed_dim
+        self.norm = nn.LayerNorm(channels, eps=config.norm_eps, elementwise_affine=False)
+        self.attn = VARAttention(config, layer_idx)
+        self.mlp = VARMLP(config)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if config.shared_adaln:
+            self.scale_shift_table = nn.Parameter(torch.randn(1, 1, 6, channels) / channels**0.5)
+        else:
+            self.adaln = nn.Linear(channels, 6 * channels)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        modulation: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: VARKVCache | None = None,
+    ) -> torch.Tensor:
+        if hasattr(self, "scale_shift_table"):
+            modulation = self.scale_shift_table + modulation
+        else:
+            modulation = self.adaln(F.silu(modulation)).view(-1, 1, 6, hidden.shape[-1])
+        gate_attn, gate_mlp, scale_attn, scale_mlp, shift_attn, shift_mlp = modulation.unbind(2)
+        attended = self.attn(self.norm(hidden) * (1 + scale_attn) + shift_attn, attn_mask, kv_cache)
+        hidden = hidden + self.drop_path(attended * gate_attn)
+        return hidden + self.drop_path(self.mlp(self.norm(hidden) * (1 + scale_mlp) + shift_mlp) * gate_mlp)
+
+
+class VARPreTrainedModel(PreTrainedModel):
+    config_class = VARConfig
+    base_model_prefix = "var"
+    main_input_name = "class_labels"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VARBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Runs children first; parents then rescale what they own, so each rule writes every parameter it touches.
+        config = self.config
+        std = config.initializer_range or math.sqrt(1 / config.embed_dim / 3)
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.trunc_normal_(module.weight, std=std)
+        elif isinstance(module, VARAttention):
+            init.zeros_(module.q_bias)
+            init.zeros_(module.v_bias)
+            if module.l2_norm:
+                init.constant_(module.logit_scale, math.log(4.0))
+        elif isinstance(module, VARBlock):
+            depth_scale = 1 / math.sqrt(2 * config.depth)
+            init.copy_(
+                module.attn.out_proj.weight,
+                _trunc_normal_like(module.attn.out_proj.weight, std) * depth_scale,
+            )
+            init.copy_(
+                module.mlp.fc2.weight,
+                _trunc_normal_like(module.mlp.fc2.weight, std) * depth_scale,
+            )
+            gains = _adaln_gains(config, module.norm.normalized_shape[0])
+            if hasattr(module, "scale_shift_table"):
+                table = torch.randn_like(module.scale_shift_table) / module.scale_shift_table.shape[-1] ** 0.5
+                init.copy_(module.scale_shift_table, table * gains.view(1, 1, 6, -1).to(table))
+            else:
+                weight = _trunc_normal_like(module.adaln.weight, std)
+                init.copy_(module.adaln.weight, weight * gains.view(-1, 1).to(weight))
+                init.zeros_(module.adaln.bias)
+        elif isinstance(module, VARTransformer):
+            init.trunc_normal_(module.pos_start, std=std)
+            init.trunc_normal_(module.position_embedding, std=std)
+            init.copy_(
+                module.head.weight,
+                _trunc_normal_like(module.head.weight, std) * config.init_head,
+            )
+            init.zeros_(module.head.bias)
+            init.copy_(
+                module.head_adaln.weight,
+                _trunc_normal_like(module.head_adaln.weight, std) * config.init_adaln,
+            )
+            init.zeros_(module.head_adaln.bias)
+
+
+def _trunc_normal_like(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    return torch.nn.init.trunc_normal_(torch.empty_like(tensor), std=std)
+
+
+def _adaln_gains(config: VARConfig, channels: int) -> torch.Tensor:
+    """Init gains of the six AdaLN chunks: small for the two gates, ``init_adaln`` for scales and shifts."""
+    gains = torch.full((6, channels), config.init_adaln)
+    gains[:2] = config.init_adaln_gamma
+    return gains.flatten()
+
+
+class VARTransformer(VARPreTrainedModel):
+    r"""The VAR transformer: logits for every scale's token map given the class and all coarser scales.
+
+    Training runs all scales at once under a block-causal mask (:meth:`forward`); sampling runs one scale at a time
+    against a preallocated KV cache (:meth:`forward_scale`).
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from diffusers_var import VARConfig, VARTransformer
+        >>> config = VARConfig(num_classes=10, vocab_size=64, latent_channels=8, patch_nums=(1, 2, 4),
+        ...                    depth=2, embed_dim=64, num_heads=2)
+        >>> model = VARTransformer(config).eval()
+        >>> inputs = torch.randn(2, 21 - 1, 8)  # (B, L - first_l, Cvae)
+        >>> out = model(torch.tensor([3, 7]), inputs, labels=torch.randint(64, (2, 21)))
+        >>> out.logits.shape, out.loss.ndim
+        (torch.Size([2, 21, 64]), 0)
+        ```
+    """
+
+    def __init__(self, config: VARConfig):
+        super().__init__(config)
+        channels = config.embed_dim
+        self.class_embedding = nn.Embedding(config.num_classes + 1, channels)
+        self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, channels))
+        self.position_embedding = nn.Parameter(torch.zeros(1, self.num_tokens, channels))
+        self.level_embedding = nn.Embedding(len(config.patch_nums), channels)
+        self.input_proj = nn.Linear(config.latent_channels, channels)
+        if config.shared_adaln:
+            self.shared_adaln = nn.Linear(channels, 6 * channels)
+        drop_paths = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        self.blocks = nn.ModuleList(VARBlock(config, i, drop_paths[i]) for i in range(config.depth))
+        self.head_norm = nn.LayerNorm(channels, eps=config.norm_eps, elementwise_affine=False)
+        self.head_adaln = nn.Linear(channels, 2 * channels)
+        self.head = nn.Linear(channels, config.vocab_size)
+        self.post_init()
+
+    # -- geometry of the token pyramid; derived, never stored, so from_pretrained cannot leave it uninitialised ------
+
+    @property
+    def patch_nums(self) -> tuple[int, ...]:
+        return tuple(self.config.patch_nums)
+
+    @property
+    def first_l(self) -> int:
+        return self.config.patch_nums[0] ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p * p for p in self.config.patch_nums)
+
+    @property
+    def begin_ends(self) -> list[tuple[int, int]]:
+        """[begin, end) of each scale's positions in the L-long sequence."""
+        ends = torch.tensor([p * p for p in self.config.patch_nums]).cumsum(0).tolist()
+        return [(end - p * p, end) for p, end in zip(self.config.patch_nums, ends)]
+
+    def level_ids(self, device: torch.device | None = None) -> torch.LongTensor:
+        """Scale index of each position, (L,)."""
+        return scale_level_ids(self.config.patch_nums, device)
+
+    def block_causal_mask(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        """(L, L) additive mask: 0 where the key's scale ≤ the query's scale, −inf elsewhere."""
+        levels = self.level_ids(device)
+        visible = levels[:, None] >= levels[None, :]
+        return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+
+    # -- pieces shared by training and sampling ----------------------------------------------------------------------
+
+    def _check_class_labels(self, class_labels: torch.Tensor) -> None:
+        if class_labels.ndim != 1:
+            raise ValueError(f"class_labels must be a 1-D tensor of class ids, got shape {tuple(class_labels.shape)}.")
+        if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > self.config.num_classes):
+            raise ValueError(
+                f"class_labels must lie in [0, {self.config.num_classes}] ({self.config.num_classes} is the null "
+                f"class), got min {int(class_labels.min())}, max {int(class_labels.max())}."
+            )
+
+    def _modulation(self, condition: torch.Tensor) -> torch.Tensor:
+        if self.config.shared_adaln:
+            return self.shared_adaln(F.silu(condition)).view(-1, 1, 6, self.config.embed_dim)
+        return condition
+
+    def _logits(self, hidden: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.head_adaln(F.silu(condition)).view(-1, 1, 2, self.config.embed_dim).unbind(2)
+        return self.head(self.head_norm(hidden) * (1 + scale) + shift).float()
+
+    def _position_codes(self, begin: int, end: int, device: torch.device) -> torch.Tensor:
+        levels = self.level_ids(device)[begin:end]
+        return self.level_embedding(levels).unsqueeze(0) + self.position_embedding[:, begin:end]
+
+    def _class_tokens(self, condition: torch.Tensor) -> torch.Tensor:
+        return condition.unsqueeze(1).expand(-1, self.first_l, -1) + self.pos_start
+
+    def drop_class_labels(self, class_labels: torch.LongTensor) -> torch.LongTensor:
+        """Replace labels by the null class with probability ``class_dropout_prob`` (training only)."""
+        if not self.training or self.config.class_dropout_prob <= 0:
+            return class_labels
+        dropped = torch.rand(class_labels.shape, device=class_labels.device) < self.config.class_dropout_prob
+        return torch.where(
+            dropped,
+            torch.full_like(class_labels, self.config.num_classes),
+            class_labels,
+        )
+
+    # -- training: all scales at once ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        class_labels: torch.LongTensor,
+        next_scale_inputs: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> VARTransformerOutput | tuple:
+        r"""Teacher-forced logits for all L positions.
+
+        Args:
+            class_labels: (B,) class ids; ``num_classes`` is the null class. Dropped for guidance in training.
+            next_scale_inputs: (B, L − first_l, Cvae), from :meth:`MultiScaleVQVAE.next_scale_inputs`.
+            labels: (B, L) target token ids (all token maps flattened and concatenated), for the loss.
+        """
+        self._check_class_labels(class_labels)
+        batch = class_labels.shape[0]
+        expected = (batch, self.num_tokens - self.first_l, self.config.latent_channels)
+        if tuple(next_scale_inputs.shape) != expected:
+            raise ValueError(
+                f"next_scale_inputs must have shape {expected} (B, L - first_l, Cvae) for patch_nums="
+                f"{self.patch_nums}, got {tuple(next_scale_inputs.shape)}."
+            )
+        condition = self.class_embedding(self.drop_class_labels(class_labels))
+        device = condition.device
+        words = self.input_proj(next_scale_inputs.to(condition.dtype))
+        hidden = torch.cat((self._class_tokens(condition), words), dim=1) + self._position_codes(
+            0, self.num_tokens, device
+        )
+        mask = self.block_causal_mask(hidden.dtype, device)
+        modulation = self._modulation(condition)
+        all_hidden = (hidden,) if output_hidden_states else None
+        for block in self.blocks:
+            hidden = block(hidden, modulation, mask)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        logits = self._logits(hidden, condition)
+
+        loss = None
+        if labels is not None:
+            if tuple(labels.shape) != (batch, self.num_tokens):
+                raise ValueError(f"labels must have shape ({batch}, {self.num_tokens}), got {tuple(labels.shape)}.")
+            loss = F.cross_entropy(
+                logits.view(-1, self.config.vocab_size),
+                labels.reshape(-1),
+                label_smoothing=self.config.label_smoothing,
+            )
+        if not return_dict:
+            return tuple(v for v in (loss, logits, all_hidden) if v is not None)
+        return VARTransformerOutput(loss=loss, logits=logits, hidden_states=all_hidden)
+
+    # -- sampling: one scale at a time -----------------------------------------------------------------------------
+
+    def allocate_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> VARKVCache:
+        """A cache for sampling ``batch_size`` sequences (with guidance: twice the images)."""
+        return VARKVCache(self.config, batch_size, dtype or self.dtype, device or self.device)
+
+    def forward_scale(
+        self,
+        class_labels: torch.LongTensor,
+        scale_index: int,
+        scale_input: torch.Tensor | None,
+        kv_cache: VARKVCache,
+    ) -> torch.Tensor:
+        r"""Logits (B, pn², V) for scale ``scale_index``, attending to the cached coarser scales.
+
+        Args:
+            class_labels: (B,) class ids, including null-class rows for guidance.
+            scale_index: which scale to predict; scales must be run in order from 0.
+            scale_input: ``None`` for scale 0, else f̂ so far area-pooled to this scale, (B, pn², Cvae).
+            kv_cache: from :meth:`allocate_kv_cache`; filled in place.
+        """
+        begin, end = self.begin_ends[scale_index]
+        if kv_cache.length != begin:
+            raise ValueError(
+                f"Scale {scale_index} needs the first {begin} positions cached; the cache holds {kv_cache.length}."
+            )
+        condition = self.class_embedding(class_labels)
+        if scale_index == 0:
+            hidden = self._class_tokens(condition)
+        else:
+            hidden = self.input_proj(scale_input.to(condition.dtype))
+        hidden = hidden + self._position_codes(begin, end, condition.device)
+        modulation = self._modulation(condition)
+        for block in self.blocks:
+            hidden = block(hidden, modulation, None, kv_cache)
+        kv_cache.advance(end - begin)
+        return self._logits(hidden, condition)

@@ -1,0 +1,278 @@
+"""VARPipeline: class-conditional image generation by next-scale prediction."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from ..hub import atomic_directory, download_snapshot, push_pipeline_to_hub
+from ..models.transformer import VARTransformer
+from ..models.vqvae import MultiScaleVQVAE
+from ..schedulers.scale import VARScaleScheduler
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class VARPipelineOutput(BaseOutput):
+    """Output of :class:`VARPipeline`.
+
+    Attributes:
+        images: PIL images, a (B, H, W, 3) array or a (B, 3, H, W) tensor in [0, 1]; with ``output_type="latent"``,
+            the sampled token maps, one (B, pn, pn) tensor per scale.
+        class_labels: the class id of each image, (B,).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | list[torch.LongTensor]
+    class_labels: torch.LongTensor
+
+
+def check_components(vqvae: MultiScaleVQVAE, transformer: VARTransformer, scheduler: VARScaleScheduler) -> None:
+    """Raise a ValueError naming the disagreement if the three components cannot work together."""
+    patch_nums = {
+        "vqvae": tuple(vqvae.config.patch_nums),
+        "transformer": tuple(transformer.config.patch_nums),
+        "scheduler": tuple(scheduler.config.patch_nums),
+    }
+    if len(set(patch_nums.values())) != 1:
+        raise ValueError(f"The components disagree on patch_nums: {patch_nums}. Use components built for one model.")
+    if vqvae.config.vocab_size != transformer.config.vocab_size:
+        raise ValueError(
+            f"The transformer predicts {transformer.config.vocab_size} codes but the vqvae has "
+            f"vocab_size={vqvae.config.vocab_size}."
+        )
+    if vqvae.config.z_channels != transformer.config.latent_channels:
+        raise ValueError(
+            f"The transformer reads latent_channels={transformer.config.latent_channels} but the vqvae has "
+            f"z_channels={vqvae.config.z_channels} (Cvae)."
+        )
+
+
+class VARPipeline(DiffusionPipeline):
+    r"""Class-conditional generation with VAR (Visual AutoRegressive modeling, next-scale prediction).
+
+    The transformer predicts each scale's whole token map from the class and all coarser scales; the scheduler
+    guides and samples it; the tokenizer turns the final pyramid into an image.
+
+    Args:
+        vqvae: the multi-scale tokenizer.
+        transformer: the next-scale predictor.
+        scheduler: scale, guidance and sampling schedule.
+        id2label: class id → name (comma-separated synonyms allowed), for :meth:`get_label_ids`.
+
+    Guidance follows diffusers: ``guidance_scale=1`` is unguided, and the official ``cfg=c`` is
+    ``guidance_scale=1 + c`` under the default linear schedule.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from diffusers_var import VARPipeline
+        >>> pipe = VARPipeline.from_pretrained("path/to/var-d16")  # a folder made by `diffusers-var convert`
+        >>> images = pipe(class_labels=["golden retriever", 207], guidance_scale=2.5, top_k=900, top_p=0.96,
+        ...               generator=torch.Generator().manual_seed(0)).images
+        ```
+    """
+
+    model_cpu_offload_seq = "transformer->vqvae"
+    _callback_tensor_inputs = ["f_hat"]
+
+    def __init__(
+        self,
+        vqvae: MultiScaleVQVAE,
+        transformer: VARTransformer,
+        scheduler: VARScaleScheduler,
+        id2label: dict[int, str] | None = None,
+    ):
+        super().__init__()
+        check_components(vqvae, transformer, scheduler)
+        self.register_modules(vqvae=vqvae, transformer=transformer, scheduler=scheduler)
+        id2label = {int(k): v for k, v in id2label.items()} if id2label else None
+        self.register_to_config(id2label=id2label)
+        self.labels = {}
+        for class_id, names in (id2label or {}).items():
+            for name in names.split(","):
+                self.labels[name.strip()] = class_id
+
+    # -- class labels ----------------------------------------------------------------------------------------------
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Map class names (any of the comma-separated synonyms in ``id2label``) to class ids."""
+        names = [label] if isinstance(label, str) else list(label)
+        unknown = [n for n in names if n not in self.labels]
+        if unknown:
+            hint = (
+                f" Known names include {sorted(self.labels)[:5]}." if self.labels else " This pipeline has no id2label."
+            )
+            raise ValueError(f"Unknown class name(s) {unknown}.{hint}")
+        return [self.labels[n] for n in names]
+
+    def _class_ids(self, class_labels) -> list[int]:
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.flatten().tolist()
+        if isinstance(class_labels, (int, str, np.integer)):
+            class_labels = [class_labels]
+        ids = [self.get_label_ids(c)[0] if isinstance(c, str) else int(c) for c in class_labels]
+        num_classes = self.transformer.config.num_classes
+        bad = [c for c in ids if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"Class id(s) {bad} out of range: this model has classes 0 to {num_classes - 1}.")
+        return ids
+
+    def _random_class_labels(self, count: int, generator) -> torch.LongTensor:
+        """Draw classes uniformly from the generator before any token, as the official sampler does."""
+        num_classes = self.transformer.config.num_classes
+        if isinstance(generator, (list, tuple)):
+            return torch.cat([self._random_class_labels(1, g) for g in generator])
+        device = generator.device if generator is not None else torch.device("cpu")
+        uniform = torch.full((1, num_classes), 1.0 / num_classes, device=device)
+        return torch.multinomial(uniform, count, replacement=True, generator=generator).reshape(count).cpu()
+
+    # -- sampling --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
+        guidance_scale: float = 2.5,
+        top_k: int = 900,
+        top_p: float = 0.96,
+        temperature: float = 1.0,
+        more_smooth: bool = False,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> VARPipelineOutput | tuple:
+        r"""Generate images of the given classes.
+
+        Args:
+            class_labels: class ids or names (``id2label``); ``None`` draws ``num_images_per_prompt`` random classes
+                from ``generator``.
+            guidance_scale: classifier-free guidance, 1.0 = none; official ``cfg=c`` is ``1 + c``.
+            top_k: keep the k most likely codes (0 = all). top_p: nucleus mass in (0, 1] (1.0 = all).
+            temperature: divides the guided logits.
+            more_smooth: the official Gumbel smoothing of the code embeddings (visualisation, not for FID).
+            num_images_per_prompt: images per class label.
+            generator: a ``torch.Generator`` (a CPU one reproduces the official sampler's draws), or one per image.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the token maps).
+            callback_on_step_end: called after each scale as ``fn(pipe, scale_index, scale_index, kwargs)``;
+                may return a dict replacing tensors listed in ``callback_on_step_end_tensor_inputs``.
+
+        Defaults are the official FID settings (cfg 1.5, top-k 900, top-p 0.96).
+        """
+        self.scheduler.check_sampling_args(guidance_scale, top_k, top_p, temperature)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt}.")
+        tensor_inputs = callback_on_step_end_tensor_inputs or []
+        if not set(tensor_inputs) <= set(self._callback_tensor_inputs):
+            raise ValueError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}.")
+
+        device = self._execution_device
+        if class_labels is None:
+            labels = self._random_class_labels(num_images_per_prompt, generator)
+        else:
+            labels = torch.tensor(self._class_ids(class_labels)).repeat_interleave(num_images_per_prompt)
+        labels = labels.to(device)
+        batch = labels.shape[0]
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"Got {len(generator)} generators for {batch} images; pass one, or one per image.")
+
+        guided = guidance_scale != 1.0
+        null = torch.full_like(labels, self.transformer.config.num_classes)
+        model_labels = torch.cat((labels, null)) if guided else labels
+        kv_cache = self.transformer.allocate_kv_cache(model_labels.shape[0], device=device)
+        self.scheduler.set_timesteps(device=device)
+        side = self.vqvae.config.patch_nums[-1]
+        f_hat = torch.zeros(
+            batch,
+            self.vqvae.config.z_channels,
+            side,
+            side,
+            dtype=self.vqvae.dtype,
+            device=device,
+        )
+        scale_input, token_maps = None, []
+        for si in self.progress_bar(range(self.scheduler.num_scales)):
+            logits = self.transformer.forward_scale(model_labels, si, scale_input, kv_cache)
+            step = self.scheduler.step(
+                logits,
+                si,
+                guidance_scale,
+                top_k,
+                top_p,
+                temperature,
+                more_smooth,
+                generator=generator,
+            )
+            token_maps.append(step.token_map)
+            f_hat = self.vqvae.accumulate_scale(f_hat, si, step.token_map, step.code_weights)
+            if callback_on_step_end is not None:
+                values = callback_on_step_end(self, si, si, {name: locals()[name] for name in tensor_inputs})
+                f_hat = values.pop("f_hat", f_hat)
+            if si + 1 < self.scheduler.num_scales:
+                scale_input = self.vqvae.scale_input(f_hat, si + 1)
+                scale_input = torch.cat((scale_input, scale_input)) if guided else scale_input
+
+        if output_type == "latent":
+            images = token_maps
+        else:
+            images = (self.vqvae.decode(f_hat).clamp(-1, 1) + 1) / 2
+            if output_type != "pt":
+                images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, labels)
+        return VARPipelineOutput(images=images, class_labels=labels)
+
+    # -- loading and sharing ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs) -> str:
+        """Fetch a pipeline repo with ``huggingface_hub.snapshot_download`` (online, offline or from the HF cache).
+
+        diffusers 0.42's own ``download`` looks third-party classes up in ``diffusers.pipelines`` and fails for
+        this package, so we resolve the snapshot ourselves.
+        """
+        return download_snapshot(pretrained_model_name, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """``DiffusionPipeline.save_pretrained``, written to a temporary folder and renamed into place."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("Use pipe.push_to_hub(repo_id) to share, so the upload gets a model card.")
+        with atomic_directory(save_directory) as tmp:
+            super().save_pretrained(tmp, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        card_template: str = "var",
+        card_data: dict | None = None,
+    ) -> str:
+        """Upload the pipeline (safetensors) with a model card made from ``model_cards/<card_template>.md``."""
+        return push_pipeline_to_hub(
+            self,
+            repo_id,
+            commit_message,
+            private,
+            token,
+            create_pr,
+            card_template,
+            card_data,
+        )
