@@ -13,6 +13,7 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.constants import HF_HUB_OFFLINE
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 
 @contextlib.contextmanager
@@ -47,17 +48,23 @@ def download_snapshot(repo_id: str, **kwargs) -> str:
     ignore = kwargs.get("ignore_patterns")
     if ignore is None and kwargs.get("use_safetensors") is not False:
         ignore = ["*.bin", "*.pth", "*.ckpt", "*.msgpack", "*.onnx"]
-    return huggingface_hub.snapshot_download(
-        repo_id,
-        revision=kwargs.get("revision"),
-        cache_dir=kwargs.get("cache_dir"),
-        force_download=kwargs.get("force_download", False),
-        token=kwargs.get("token"),
-        local_files_only=kwargs.get("local_files_only") or HF_HUB_OFFLINE,
-        allow_patterns=kwargs.get("allow_patterns"),
-        ignore_patterns=ignore,
-        library_name="diffusers-var",
-    )
+    try:
+        return huggingface_hub.snapshot_download(
+            repo_id,
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            force_download=kwargs.get("force_download", False),
+            token=kwargs.get("token"),
+            local_files_only=kwargs.get("local_files_only") or HF_HUB_OFFLINE,
+            allow_patterns=kwargs.get("allow_patterns"),
+            ignore_patterns=ignore,
+            library_name="diffusers-var",
+        )
+    except LocalEntryNotFoundError as error:  # its own message does not say which repo
+        raise LocalEntryNotFoundError(
+            f"Cannot load {repo_id!r} (revision {kwargs.get('revision') or 'main'}): it is not in the local Hugging "
+            f"Face cache and could not be downloaded. {error}"
+        ) from error
 
 
 def card_template(name: str) -> str:

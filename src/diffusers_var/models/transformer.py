@@ -178,6 +178,7 @@ class VARAttention(nn.Module):
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
         self.out_proj = nn.Linear(config.embed_dim, config.embed_dim)
+        self.out_proj.init_role = "residual_out"
         self.attention_dropout = config.attention_dropout
         self.out_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
@@ -209,6 +210,7 @@ class VARMLP(nn.Module):
         hidden = round(config.embed_dim * config.mlp_ratio)
         self.fc1 = nn.Linear(config.embed_dim, hidden)
         self.fc2 = nn.Linear(hidden, config.embed_dim)
+        self.fc2.init_role = "residual_out"
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -247,6 +249,7 @@ class VARBlock(GradientCheckpointingLayer):
             self.scale_shift_table = nn.Parameter(torch.randn(1, 1, 6, channels) / channels**0.5)
         else:
             self.adaln = nn.Linear(channels, 6 * channels)
+            self.adaln.init_role = "adaln"
 
     def forward(
         self,
@@ -275,11 +278,22 @@ class VARPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Runs children first; parents then rescale what they own, so each rule writes every parameter it touches.
+        # transformers only hands over modules that own parameters directly, so each linear layer carries its role
+        # (``init_role``) instead of its parent block rescaling it afterwards.
         config = self.config
         std = config.initializer_range or math.sqrt(1 / config.embed_dim / 3)
         if isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=std)
+            weight = _trunc_normal_like(module.weight, std)
+            role = getattr(module, "init_role", None)
+            if role == "residual_out":
+                weight = weight / math.sqrt(2 * config.depth)
+            elif role == "adaln":
+                weight = weight * _adaln_gains(config, module.out_features // 6).view(-1, 1)
+            elif role == "head":
+                weight = weight * config.init_head
+            elif role == "head_adaln":
+                weight = weight * config.init_adaln
+            init.copy_(module.weight, weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -289,37 +303,13 @@ class VARPreTrainedModel(PreTrainedModel):
             init.zeros_(module.v_bias)
             if module.l2_norm:
                 init.constant_(module.logit_scale, math.log(4.0))
-        elif isinstance(module, VARBlock):
-            depth_scale = 1 / math.sqrt(2 * config.depth)
-            init.copy_(
-                module.attn.out_proj.weight,
-                _trunc_normal_like(module.attn.out_proj.weight, std) * depth_scale,
-            )
-            init.copy_(
-                module.mlp.fc2.weight,
-                _trunc_normal_like(module.mlp.fc2.weight, std) * depth_scale,
-            )
-            gains = _adaln_gains(config, module.norm.normalized_shape[0])
-            if hasattr(module, "scale_shift_table"):
-                table = torch.randn_like(module.scale_shift_table) / module.scale_shift_table.shape[-1] ** 0.5
-                init.copy_(module.scale_shift_table, table * gains.view(1, 1, 6, -1).to(table))
-            else:
-                weight = _trunc_normal_like(module.adaln.weight, std)
-                init.copy_(module.adaln.weight, weight * gains.view(-1, 1).to(weight))
-                init.zeros_(module.adaln.bias)
+        elif isinstance(module, VARBlock) and hasattr(module, "scale_shift_table"):
+            table = torch.randn_like(module.scale_shift_table) / module.scale_shift_table.shape[-1] ** 0.5
+            gains = _adaln_gains(config, table.shape[-1]).view(1, 1, 6, -1)
+            init.copy_(module.scale_shift_table, table * gains)
         elif isinstance(module, VARTransformer):
             init.trunc_normal_(module.pos_start, std=std)
             init.trunc_normal_(module.position_embedding, std=std)
-            init.copy_(
-                module.head.weight,
-                _trunc_normal_like(module.head.weight, std) * config.init_head,
-            )
-            init.zeros_(module.head.bias)
-            init.copy_(
-                module.head_adaln.weight,
-                _trunc_normal_like(module.head_adaln.weight, std) * config.init_adaln,
-            )
-            init.zeros_(module.head_adaln.bias)
 
 
 def _trunc_normal_like(tensor: torch.Tensor, std: float) -> torch.Tensor:
@@ -367,7 +357,9 @@ class VARTransformer(VARPreTrainedModel):
         self.blocks = nn.ModuleList(VARBlock(config, i, drop_paths[i]) for i in range(config.depth))
         self.head_norm = nn.LayerNorm(channels, eps=config.norm_eps, elementwise_affine=False)
         self.head_adaln = nn.Linear(channels, 2 * channels)
+        self.head_adaln.init_role = "head_adaln"
         self.head = nn.Linear(channels, config.vocab_size)
+        self.head.init_role = "head"
         self.post_init()
 
     # -- geometry of the token pyramid; derived, never stored, so from_pretrained cannot leave it uninitialised ------

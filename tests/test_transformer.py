@@ -1,0 +1,126 @@
+"""VARTransformer: teacher forcing, the block-causal mask, the KV-cached sampling path and training features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_transformer
+
+from diffusers_var import VARConfig, VARTransformer
+
+LABELS = torch.tensor([3, 7])
+
+
+def _inputs(model: VARTransformer, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, model.num_tokens - model.first_l, model.config.latent_channels, generator=generator)
+
+
+@pytest.mark.parametrize("shared_adaln", [False, True])
+@pytest.mark.parametrize("attn_l2_norm", [True, False])
+def test_kv_cached_sampling_path_equals_teacher_forcing(shared_adaln, attn_l2_norm):
+    """Running scale by scale against the cache gives the same logits as the masked full-sequence pass."""
+    model = tiny_transformer(shared_adaln=shared_adaln, attn_l2_norm=attn_l2_norm)
+    inputs = _inputs(model)
+    with torch.no_grad():
+        full = model(LABELS, inputs).logits
+        cache = model.allocate_kv_cache(2)
+        pointers = [k.data_ptr() for k in cache.keys]
+        pieces = []
+        for si, (begin, end) in enumerate(model.begin_ends):
+            scale_input = None if si == 0 else inputs[:, begin - model.first_l : end - model.first_l]
+            pieces.append(model.forward_scale(LABELS, si, scale_input, cache))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert [k.data_ptr() for k in cache.keys] == pointers, "the cache was reallocated while sampling"
+    assert cache.length == model.num_tokens
+
+
+def test_block_causal_mask_hides_finer_scales():
+    model = tiny_transformer()
+    inputs = _inputs(model)
+    changed = inputs.clone()
+    begin_last = model.begin_ends[-1][0] - model.first_l
+    changed[:, begin_last:] += 1.0  # only the last scale's inputs change
+    with torch.no_grad():
+        a, b = model(LABELS, inputs).logits, model(LABELS, changed).logits
+    coarse = model.begin_ends[-1][0]
+    assert torch.equal(a[:, :coarse], b[:, :coarse])
+    assert not torch.allclose(a[:, coarse:], b[:, coarse:])
+    mask = model.block_causal_mask(torch.float32)
+    assert mask.shape == (21, 21) and mask[0, 1] == float("-inf") and mask[4, 1] == 0 and mask[1, 4] == 0
+
+
+def test_loss_is_label_smoothed_cross_entropy():
+    model = tiny_transformer(label_smoothing=0.1)
+    targets = torch.randint(32, (2, 21), generator=torch.Generator().manual_seed(0))
+    out = model(LABELS, _inputs(model), labels=targets)
+    expected = F.cross_entropy(out.logits.reshape(-1, 32), targets.flatten(), label_smoothing=0.1)
+    torch.testing.assert_close(out.loss, expected)
+    loss, logits = model(LABELS, _inputs(model), labels=targets, return_dict=False)
+    torch.testing.assert_close(logits, out.logits)
+
+
+def test_class_dropout_only_in_training():
+    model = tiny_transformer(class_dropout_prob=1.0)
+    inputs = _inputs(model)
+    with torch.no_grad():
+        null = model(torch.full_like(LABELS, 10), inputs).logits
+        conditional = model(LABELS, inputs).logits  # eval: labels kept
+        model.train()
+        dropped = model(LABELS, inputs).logits  # train with p=1: every label becomes the null class
+    assert not torch.allclose(conditional, null)
+    torch.testing.assert_close(dropped, null)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_transformer(class_dropout_prob=0.0).train()
+    targets = torch.randint(32, (2, 21), generator=torch.Generator().manual_seed(1))
+    model(LABELS, _inputs(model), labels=targets).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in model.blocks)
+    model(LABELS, _inputs(model), labels=targets).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain[name], msg=name)
+
+
+def test_every_parameter_is_trained():
+    model = tiny_transformer(class_dropout_prob=0.0, shared_adaln=True).train()
+    targets = torch.randint(32, (2, 21), generator=torch.Generator().manual_seed(1))
+    model(LABELS, _inputs(model), labels=targets).loss.backward()
+    untouched = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    # class rows other than 3 and 7 get no gradient by construction; everything else must
+    assert untouched == [], untouched
+
+
+def test_initialisation_follows_the_official_recipe():
+    torch.manual_seed(0)
+    config = VARConfig(
+        num_classes=10, vocab_size=32, latent_channels=8, patch_nums=(1, 2, 4), depth=4, embed_dim=64, num_heads=4
+    )
+    model = VARTransformer(config)
+    std = (1 / 64 / 3) ** 0.5
+    assert abs(model.input_proj.weight.std().item() - std) < 0.2 * std
+    gates = model.blocks[0].adaln.weight[: 2 * 64]
+    assert gates.abs().max() < 1e-4  # AdaLN gates start near zero, so each block starts as the identity
+    assert abs(model.head.weight.std().item() - 0.02 * std) < 0.2 * 0.02 * std
+    residual = model.blocks[0].mlp.fc2.weight.std().item()
+    assert abs(residual - std / (2 * 4) ** 0.5) < 0.2 * std / (2 * 4) ** 0.5
+    assert torch.all(model.blocks[0].attn.logit_scale == torch.tensor(4.0).log())
+
+
+def test_bad_inputs_are_refused():
+    model = tiny_transformer()
+    with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 10\]"):
+        model(torch.tensor([3, 11]), _inputs(model))
+    with pytest.raises(ValueError, match=r"next_scale_inputs must have shape \(2, 20, 8\)"):
+        model(LABELS, torch.zeros(2, 19, 8))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model(LABELS, _inputs(model), labels=torch.zeros(2, 20, dtype=torch.long))
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        VARConfig(embed_dim=30, num_heads=4)
+    cache = model.allocate_kv_cache(2)
+    with pytest.raises(ValueError, match="Scale 1 needs the first 1 positions cached"):
+        model.forward_scale(LABELS, 1, torch.zeros(2, 4, 8), cache)
