@@ -218,7 +218,8 @@ class VARPipeline(DiffusionPipeline):
             token_maps.append(step.token_map)
             f_hat = self.vqvae.accumulate_scale(f_hat, si, step.token_map, step.code_weights)
             if callback_on_step_end is not None:
-                values = callback_on_step_end(self, si, si, {name: locals()[name] for name in tensor_inputs})
+                tensors = {"f_hat": f_hat}
+                values = callback_on_step_end(self, si, si, {name: tensors[name] for name in tensor_inputs})
                 f_hat = values.pop("f_hat", f_hat)
             if si + 1 < self.scheduler.num_scales:
                 scale_input = self.vqvae.scale_input(f_hat, si + 1)
