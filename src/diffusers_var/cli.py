@@ -1,10 +1,10 @@
-"""The ``diffusers-var`` command: ``diffusers-var convert ...``."""
+"""The ``diffusers-var`` command: ``diffusers-var convert ...`` and ``diffusers-var generate ...``."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import convert
+from . import convert, generate
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,6 +17,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     convert.add_arguments(convert_parser)
     convert_parser.set_defaults(run=convert.run)
+    generate_parser = commands.add_parser(
+        "generate",
+        help="sample class-conditional images from a VARPipeline",
+        description=generate.__doc__.split("\n\n")[0],
+    )
+    generate.add_arguments(generate_parser)
+    generate_parser.set_defaults(run=generate.generate)
     args = parser.parse_args(argv)
     try:
         args.run(args)

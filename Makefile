@@ -1,0 +1,33 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv and install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FIXTURES ?= $(abspath ../shared/fixtures/var_reference)
+export VAR_REFERENCE_FIXTURES ?= $(FIXTURES)
+export HF_HUB_OFFLINE ?= 1
+export OMP_NUM_THREADS ?= 2
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: install test demo lint
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	@test -f "$(VAR_REFERENCE_FIXTURES)/README.md" || { echo "Reference fixtures not found at $(VAR_REFERENCE_FIXTURES): set VAR_REFERENCE_FIXTURES. Parity is never skipped." >&2; exit 1; }
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# Convert an official-layout checkpoint (the reference fixture) and sample a labelled grid from it.
+demo: install
+	$(VENV)/bin/diffusers-var convert --official-config $(FIXTURES)/A_adaln_l2norm_qsr4/config.json \
+		--vae $(FIXTURES)/A_adaln_l2norm_qsr4/vae.pth --var $(FIXTURES)/A_adaln_l2norm_qsr4/var.pth --output demo/var-reference
+	$(VENV)/bin/diffusers-var generate --model demo/var-reference --class-labels 0 1 2 3 --num-per-class 4 --output demo/grid.png
+
+lint: install
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples
