@@ -19,6 +19,7 @@ def test_top_k_keeps_ties_and_top_p_keeps_the_largest():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     assert top_k_top_p_filter(probs, top_p=0.8).isfinite().tolist() == [[True, True, False, False]]
     assert top_k_top_p_filter(probs, top_p=1.0).isfinite().all()
+    assert top_k_top_p_filter(probs, top_k=None, top_p=None).isfinite().all()
 
 
 def test_guidance_schedules():

@@ -141,8 +141,8 @@ class VARPipeline(DiffusionPipeline):
         self,
         class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         guidance_scale: float = 2.5,
-        top_k: int = 900,
-        top_p: float = 0.96,
+        top_k: int | None = 900,
+        top_p: float | None = 0.96,
         temperature: float = 1.0,
         more_smooth: bool = False,
         num_images_per_prompt: int = 1,
@@ -158,7 +158,7 @@ class VARPipeline(DiffusionPipeline):
             class_labels: class ids or names (``id2label``); ``None`` draws ``num_images_per_prompt`` random classes
                 from ``generator``.
             guidance_scale: classifier-free guidance, 1.0 = none; official ``cfg=c`` is ``1 + c``.
-            top_k: keep the k most likely codes (0 = all). top_p: nucleus mass in (0, 1] (1.0 = all).
+            top_k: keep the k most likely codes (0 or None = all). top_p: nucleus mass in (0, 1] (1.0 or None = all).
             temperature: divides the guided logits.
             more_smooth: the official Gumbel smoothing of the code embeddings (visualisation, not for FID).
             num_images_per_prompt: images per class label.

@@ -28,12 +28,13 @@ class VARSchedulerOutput(BaseOutput):
     logits: torch.Tensor | None = None
 
 
-def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None = 0, top_p: float | None = 1.0) -> torch.Tensor:
     """Set to −inf every logit below the k-th largest (ties kept), then outside the top-p nucleus (largest kept).
 
-    ``top_k=0`` and ``top_p=1`` switch a filter off. Works on the last dimension; returns a new tensor.
+    ``top_k=0`` / ``top_p=1`` (or ``None``) switch a filter off. Works on the last dimension; returns a new tensor.
     """
     vocab = logits.shape[-1]
+    top_k, top_p = top_k or 0, 1.0 if top_p is None else top_p
     if 0 < top_k < vocab:
         kth_largest = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -145,12 +146,13 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
         return strength
 
     @staticmethod
-    def check_sampling_args(guidance_scale: float, top_k: int, top_p: float, temperature: float) -> None:
+    def check_sampling_args(guidance_scale: float, top_k: int | None, top_p: float | None, temperature: float) -> None:
+        """Raise a ValueError naming the first argument outside its range (``None`` switches top-k/top-p off)."""
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be ≥ 0 (1.0 means no guidance), got {guidance_scale}.")
-        if top_k < 0:
+        if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be ≥ 0 (0 disables top-k), got {top_k}.")
-        if not 0 < top_p <= 1:
+        if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1] (1.0 disables it), got {top_p}.")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
@@ -160,8 +162,8 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
         model_output: torch.Tensor,
         scale_index: int,
         guidance_scale: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        top_k: int | None = 0,
+        top_p: float | None = 1.0,
         temperature: float = 1.0,
         more_smooth: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
