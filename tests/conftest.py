@@ -63,3 +63,9 @@ def tiny_images(batch: int = 2, size: int = 8, seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def pipe() -> VARPipeline:
     return tiny_pipeline()
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng():
+    """Every test starts from the same global RNG state, so results never depend on test order."""
+    torch.manual_seed(0)
