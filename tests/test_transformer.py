@@ -59,6 +59,8 @@ def test_loss_is_label_smoothed_cross_entropy():
     torch.testing.assert_close(out.loss, expected)
     loss, logits = model(LABELS, _inputs(model), labels=targets, return_dict=False)
     torch.testing.assert_close(logits, out.logits)
+    token_maps = [targets[:, :1].view(2, 1, 1), targets[:, 1:5].view(2, 2, 2), targets[:, 5:].view(2, 4, 4)]
+    torch.testing.assert_close(model(LABELS, _inputs(model), labels=token_maps).loss, out.loss)
 
 
 def test_class_dropout_only_in_training():

@@ -436,7 +436,7 @@ class VARTransformer(VARPreTrainedModel):
         self,
         class_labels: torch.LongTensor,
         next_scale_inputs: torch.Tensor,
-        labels: torch.LongTensor | None = None,
+        labels: torch.LongTensor | list[torch.LongTensor] | None = None,
         output_hidden_states: bool = False,
         return_dict: bool = True,
     ) -> VARTransformerOutput | tuple:
@@ -445,7 +445,8 @@ class VARTransformer(VARPreTrainedModel):
         Args:
             class_labels: (B,) class ids; ``num_classes`` is the null class. Dropped for guidance in training.
             next_scale_inputs: (B, L − first_l, Cvae), from :meth:`MultiScaleVQVAE.next_scale_inputs`.
-            labels: (B, L) target token ids (all token maps flattened and concatenated), for the loss.
+            labels: target token ids for the loss: (B, L) (all token maps flattened and concatenated), or the
+                list of (B, pn, pn) token maps that ``MultiScaleVQVAE.tokenize`` returns.
         """
         self._check_class_labels(class_labels)
         batch = class_labels.shape[0]
@@ -472,6 +473,8 @@ class VARTransformer(VARPreTrainedModel):
 
         loss = None
         if labels is not None:
+            if isinstance(labels, (list, tuple)):
+                labels = torch.cat([t.flatten(1) for t in labels], dim=1)
             if tuple(labels.shape) != (batch, self.num_tokens):
                 raise ValueError(f"labels must have shape ({batch}, {self.num_tokens}), got {tuple(labels.shape)}.")
             loss = F.cross_entropy(
