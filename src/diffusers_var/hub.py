@@ -17,10 +17,12 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
+def atomic_directory(target: str | os.PathLike, keep_existing: bool = False) -> Iterator[str]:
     """Yield a temporary sibling folder; on success it replaces ``target`` in one rename, on error it is removed.
 
     A reader never sees a half-written ``target``: it is either the old folder, absent, or the complete new one.
+    With ``keep_existing``, the temporary folder starts as a copy of ``target``, so files the writer does not
+    rewrite (e.g. the main weights beside a new ``variant``) survive.
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +31,8 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
     try:
+        if keep_existing and target.is_dir():
+            shutil.copytree(target, tmp, dirs_exist_ok=True)  # copies, not links: the writer may rewrite in place
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

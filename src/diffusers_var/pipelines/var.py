@@ -88,7 +88,7 @@ class VARPipeline(DiffusionPipeline):
         vqvae: MultiScaleVQVAE,
         transformer: VARTransformer,
         scheduler: VARScaleScheduler,
-        id2label: dict[int, str] | None = None,
+        id2label: dict[int, str] | dict[str, str] | None = None,  # JSON gives str keys on load
     ):
         super().__init__()
         check_components(vqvae, transformer, scheduler)
@@ -241,6 +241,17 @@ class VARPipeline(DiffusionPipeline):
     # -- loading and sharing ---------------------------------------------------------------------------------------
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> VARPipeline:
+        """``DiffusionPipeline.from_pretrained``, loading every component in fp32 unless ``dtype`` says otherwise.
+
+        (transformers 5 would otherwise load the transformer in its checkpoint's dtype while diffusers loads the
+        tokenizer in fp32, so a pipeline saved in bf16 would come back with mixed precisions.)
+        """
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = torch.float32
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:
         """Fetch a pipeline repo with ``huggingface_hub.snapshot_download`` (online, offline or from the HF cache).
 
@@ -250,10 +261,13 @@ class VARPipeline(DiffusionPipeline):
         return download_snapshot(pretrained_model_name, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """``DiffusionPipeline.save_pretrained``, written to a temporary folder and renamed into place."""
+        """``DiffusionPipeline.save_pretrained``, written to a temporary folder and renamed into place.
+
+        Saving a ``variant`` keeps the other files already in the folder (e.g. the fp32 weights).
+        """
         if kwargs.get("push_to_hub"):
             raise ValueError("Use pipe.push_to_hub(repo_id) to share, so the upload gets a model card.")
-        with atomic_directory(save_directory) as tmp:
+        with atomic_directory(save_directory, keep_existing=kwargs.get("variant") is not None) as tmp:
             super().save_pretrained(tmp, **kwargs)
 
     def push_to_hub(
