@@ -126,3 +126,20 @@ def test_bad_inputs_are_refused():
     cache = model.allocate_kv_cache(2)
     with pytest.raises(ValueError, match="Scale 1 needs the first 1 positions cached"):
         model.forward_scale(LABELS, 1, torch.zeros(2, 4, 8), cache)
+
+
+@pytest.mark.parametrize("new_classes", [4, 25])
+def test_resize_class_embedding_keeps_classes_and_the_null_row(tmp_path, new_classes):
+    model = tiny_transformer()
+    old = model.class_embedding.weight.detach().clone()
+    model.resize_class_embedding(new_classes)
+    weight = model.class_embedding.weight
+    kept = min(10, new_classes)
+    assert weight.shape == (new_classes + 1, 32) and weight.requires_grad
+    assert torch.equal(weight[:kept], old[:kept]) and torch.equal(weight[new_classes], old[10])
+    assert model.config.num_classes == new_classes
+    model.save_pretrained(tmp_path)
+    reloaded = VARTransformer.from_pretrained(tmp_path)
+    assert reloaded.config.num_classes == new_classes and torch.equal(reloaded.class_embedding.weight, weight)
+    with pytest.raises(ValueError, match="num_classes must be ≥ 1"):
+        model.resize_class_embedding(0)

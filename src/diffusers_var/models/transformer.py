@@ -430,6 +430,26 @@ class VARTransformer(VARPreTrainedModel):
             class_labels,
         )
 
+    @torch.no_grad()
+    def resize_class_embedding(self, num_classes: int, generator: torch.Generator | None = None) -> None:
+        """Change the number of classes for fine-tuning, keeping the learned null class (guidance) row.
+
+        The first ``min(old, new)`` class rows are kept; new rows get the model's init. ``config.num_classes``
+        follows, so the resized model saves and reloads as such.
+        """
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be ≥ 1, got {num_classes}.")
+        old = self.class_embedding.weight
+        old_classes = old.shape[0] - 1
+        std = self.config.initializer_range or math.sqrt(1 / self.config.embed_dim / 3)
+        weight = torch.empty(num_classes + 1, old.shape[1], dtype=old.dtype, device=old.device)
+        torch.nn.init.trunc_normal_(weight, std=std, generator=generator)
+        kept = min(old_classes, num_classes)
+        weight[:kept] = old[:kept]
+        weight[num_classes] = old[old_classes]
+        self.class_embedding = nn.Embedding.from_pretrained(weight, freeze=False)
+        self.config.num_classes = num_classes
+
     # -- training: all scales at once ------------------------------------------------------------------------------
 
     def forward(

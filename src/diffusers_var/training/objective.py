@@ -1,0 +1,64 @@
+"""The VAR training objective: teacher forcing over all scales, and the official trainer's metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.transformer import VARTransformer
+from ..models.vqvae import MultiScaleVQVAE
+
+
+@dataclass
+class VARTrainingMetrics:
+    """Detached metrics of one batch, as the official trainer logs them.
+
+    Attributes:
+        loss: cross-entropy over all L positions (label smoothing included: what is optimised).
+        mean_loss / last_scale_loss: plain cross-entropy over all positions / over the last scale ("Lm", "Lt").
+        accuracy / last_scale_accuracy: top-1 token accuracy in percent, same split ("Accm", "Acct").
+    """
+
+    loss: float
+    mean_loss: float
+    last_scale_loss: float
+    accuracy: float
+    last_scale_accuracy: float
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": v for k, v in self.__dict__.items()}
+
+
+@torch.no_grad()
+def teacher_forcing_batch(vqvae: MultiScaleVQVAE, images: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor]:
+    """Images in [-1, 1] → (next-scale inputs (B, L − first_l, Cvae), targets (B, L)) from the frozen tokenizer."""
+    token_maps = vqvae.tokenize(images.to(vqvae.dtype))
+    targets = torch.cat([t.flatten(1) for t in token_maps], dim=1)
+    return vqvae.next_scale_inputs(token_maps), targets
+
+
+def var_loss(
+    transformer: VARTransformer,
+    class_labels: torch.LongTensor,
+    next_scale_inputs: torch.Tensor,
+    targets: torch.LongTensor,
+) -> tuple[torch.Tensor, VARTrainingMetrics]:
+    """The training loss (label smoothing from the config, class dropout in train mode) and the batch's metrics."""
+    out = transformer(class_labels, next_scale_inputs, labels=targets)
+    with torch.no_grad():
+        logits = out.logits.float()
+        last = transformer.config.patch_nums[-1] ** 2
+        vocab = logits.shape[-1]
+        predictions = logits.argmax(dim=-1)
+        metrics = VARTrainingMetrics(
+            loss=out.loss.item(),
+            mean_loss=F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1)).item(),
+            last_scale_loss=F.cross_entropy(
+                logits[:, -last:].reshape(-1, vocab), targets[:, -last:].reshape(-1)
+            ).item(),
+            accuracy=(predictions == targets).float().mean().item() * 100,
+            last_scale_accuracy=(predictions[:, -last:] == targets[:, -last:]).float().mean().item() * 100,
+        )
+    return out.loss, metrics
