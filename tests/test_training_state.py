@@ -1,0 +1,47 @@
+"""EMA and checkpoint bookkeeping of the training scripts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import tiny_transformer
+
+from diffusers_var.training.checkpoints import list_checkpoints, resolve_resume_path, save_checkpoint
+from diffusers_var.training.ema import ParameterEMA
+
+
+def test_ema_tracks_the_average_and_round_trips():
+    model = tiny_transformer()
+    ema = ParameterEMA(model, decay=0.5, warmup=False)
+    start = model.head.bias.detach().clone()
+    with torch.no_grad():
+        model.head.bias.add_(2.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["head.bias"], start + 1.0)
+    restored = ParameterEMA(tiny_transformer(seed=1), decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    other = tiny_transformer(seed=1)
+    restored.copy_to(other)
+    torch.testing.assert_close(other.head.bias, start + 1.0)
+    assert ParameterEMA(model, decay=0.999).current_decay() == pytest.approx(0.1)  # warm-up: 1/10 at first
+    with pytest.raises(ValueError, match="EMA decay"):
+        ParameterEMA(model, decay=1.0)
+
+
+def test_checkpoints_are_atomic_rotated_and_resolved(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in (2, 4, 6):
+        save_checkpoint(accelerator, tmp_path, step, total_limit=2)
+    (tmp_path / ".checkpoint-8.tmp").mkdir()  # an interrupted save is never resumed from
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    assert resolve_resume_path(tmp_path, "latest").name == "checkpoint-6"
+    assert resolve_resume_path(tmp_path / "empty", "latest") is None and resolve_resume_path(tmp_path, None) is None
+    with pytest.raises(ValueError, match="is not a checkpoint folder"):
+        resolve_resume_path(tmp_path, str(tmp_path / "checkpoint-2"))
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = model.weight.detach().clone()
+    accelerator.load_state(str(tmp_path / "checkpoint-6"))
+    assert not torch.equal(model.weight, before)
