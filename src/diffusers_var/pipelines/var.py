@@ -225,6 +225,8 @@ class VARPipeline(DiffusionPipeline):
                 scale_input = self.vqvae.scale_input(f_hat, si + 1)
                 scale_input = torch.cat((scale_input, scale_input)) if guided else scale_input
 
+        del kv_cache, logits, step, scale_input  # the cache is the largest buffer; free it before decoding
+
         if output_type == "latent":
             images = token_maps
         else:
