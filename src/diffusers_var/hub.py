@@ -47,6 +47,28 @@ def atomic_directory(target: str | os.PathLike, keep_existing: bool = False) -> 
         shutil.rmtree(old, ignore_errors=True)
 
 
+def save_pipeline_into(pipeline, folder: str | os.PathLike, card: ModelCard | None = None) -> None:
+    """Write a pipeline (and its card as README.md) into ``folder`` without touching the folder's other files.
+
+    For a training run's output folder, which also holds checkpoints and logs. The pipeline is written completely
+    to a temporary folder first and moved in entry by entry, with ``model_index.json`` last: a loader never finds
+    an index that points at missing weights.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".pipeline-") as tmp:
+        staged = Path(tmp) / "pipeline"
+        pipeline.save_pretrained(staged)
+        if card is not None:
+            card.save(staged / "README.md")
+        entries = sorted(staged.iterdir(), key=lambda p: p.name == "model_index.json")
+        for entry in entries:
+            target = folder / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+
+
 def download_snapshot(repo_id: str, **kwargs) -> str:
     """Resolve a Hub repo id to a local snapshot folder, honouring the usual diffusers loading options."""
     ignore = kwargs.get("ignore_patterns")
