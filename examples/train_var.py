@@ -17,6 +17,7 @@ for guidance). The result is a VARPipeline folder in --output_dir with a model c
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from diffusers_var.hub import make_model_card, save_pipeline_into
 from diffusers_var.training.checkpoints import checkpoint_step, resolve_resume_path, save_checkpoint
 from diffusers_var.training.data import ImageClassDataset, check_dataset, load_image_dataset
 from diffusers_var.training.ema import ParameterEMA
+from diffusers_var.training.launch import cpu_only, spawn_cpu_processes
 from diffusers_var.training.objective import teacher_forcing_batch, var_loss
 from diffusers_var.training.optim import make_optimizer, scaled_learning_rate
 from diffusers_var.training.validation import log_validation_grid
@@ -111,8 +113,10 @@ def load_components(args) -> tuple[MultiScaleVQVAE, VARTransformer, VARScaleSche
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    spawn_cpu_processes()  # `accelerate launch --cpu --num_processes N` starts one process; start the N workers
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
+        cpu=cpu_only(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -157,6 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if len(dataset) < global_batch:
+        raise ValueError(
+            f"The dataset has {len(dataset)} images, fewer than one global batch of {global_batch} "
+            "(batch × processes × accumulation). Lower --train_batch_size."
+        )
     learning_rate = args.learning_rate if args.no_scale_lr else scaled_learning_rate(args.learning_rate, global_batch)
     optimizer = make_optimizer(transformer, learning_rate, args.adam_weight_decay)
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
@@ -181,12 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     global_step, first_epoch, skip_batches = 0, 0, 0
     resume = resolve_resume_path(output_dir, args.resume_from_checkpoint)
     if resume is not None:
-        accelerator.load_state(str(resume))
         global_step = checkpoint_step(resume)
         first_epoch, skip_batches = divmod(
             global_step * args.gradient_accumulation_steps, steps_per_epoch * args.gradient_accumulation_steps
         )
-        logger.info(f"Resumed from {resume} at step {global_step}")
+        if global_step >= max_steps:  # nothing left to train: restore the final state and save it
+            accelerator.load_state(str(resume))
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint to resume from; starting a new run.")
 
@@ -195,7 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     for epoch in range(first_epoch, num_epochs):
         train_set.set_epoch(epoch)
         loader.set_epoch(epoch)
-        batches = skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
+        batches = iter(skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader)
+        if resume is not None and epoch == first_epoch and global_step < max_steps:
+            # Restore after fetching the first batch: starting the loader draws from the global RNG, which the
+            # uninterrupted run did at the start of the epoch, before the checkpoint's RNG state was taken.
+            batches = itertools.chain([next(batches)], batches)
+            accelerator.load_state(str(resume))
+            logger.info(f"Resumed from {resume} at step {global_step}")
         for batch in batches:
             with accelerator.accumulate(transformer):
                 inputs, targets = teacher_forcing_batch(vqvae, batch["pixel_values"])

@@ -45,3 +45,18 @@ def test_checkpoints_are_atomic_rotated_and_resolved(tmp_path):
     before = model.weight.detach().clone()
     accelerator.load_state(str(tmp_path / "checkpoint-6"))
     assert not torch.equal(model.weight, before)
+
+
+def test_requested_cpu_processes_are_read_from_the_accelerate_command_line():
+    from diffusers_var.training.launch import requested_cpu_processes
+
+    launch = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
+    assert requested_cpu_processes([*launch, "--num_processes", "2", "--cpu", "train.py", "--x", "1"]) == 2
+    assert requested_cpu_processes([*launch, "--cpu", "--num_processes=3", "train.py"]) == 3
+    assert (
+        requested_cpu_processes(["python", "-m", "accelerate.commands.launch", "--num-processes", "2", "--cpu", "t.py"])
+        == 2
+    )
+    assert requested_cpu_processes([*launch, "--num_processes", "2", "train.py"]) == 1  # GPUs: accelerate's job
+    assert requested_cpu_processes([*launch, "--cpu", "train.py", "--num_processes", "4"]) == 1  # script's own arg
+    assert requested_cpu_processes(["python", "train.py", "--cpu", "--num_processes", "2"]) == 1

@@ -49,7 +49,8 @@ def var_loss(
     out = transformer(class_labels, next_scale_inputs, labels=targets)
     with torch.no_grad():
         logits = out.logits.float()
-        last = transformer.config.patch_nums[-1] ** 2
+        config = getattr(transformer, "module", transformer).config  # also under DistributedDataParallel
+        last = config.patch_nums[-1] ** 2
         vocab = logits.shape[-1]
         predictions = logits.argmax(dim=-1)
         metrics = VARTrainingMetrics(

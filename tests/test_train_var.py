@@ -1,0 +1,239 @@
+"""examples/train_var.py end to end, on a tiny pipeline and a tiny image folder built here.
+
+Each run is a real subprocess (``python examples/train_var.py`` or ``accelerate launch``), as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_pipeline
+from safetensors.torch import load_file
+from test_training_data import make_imagefolder
+
+from diffusers_var import VARPipeline
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_var.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_var")
+    tiny_pipeline().save_pretrained(root / "pipe")
+    make_imagefolder(root / "data", classes=("a", "b", "c"), per_class=4, size=(10, 8))
+    return root
+
+
+def run(workspace, output: str, *extra: str, launcher: list[str] | None = None, check: bool = True):
+    args = [
+        "--train_data_dir",
+        str(workspace / "data"),
+        "--output_dir",
+        str(workspace / output),
+        "--report_to",
+        "none",
+        "--no_scale_lr",
+        "--learning_rate",
+        "1e-3",
+        "--validation_steps",
+        "0",
+        *extra,
+    ]
+    if not any(a.startswith("--pretrained_model_name_or_path") or a == "--model_config" for a in extra):
+        args = ["--pretrained_model_name_or_path", str(workspace / "pipe"), *args]
+    command = [*(launcher or [sys.executable]), str(SCRIPT), *args]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "transformer" / "model.safetensors")
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
+
+
+def test_finetune_writes_a_pipeline_checkpoints_and_logs(workspace):
+    run(
+        workspace,
+        "finetune",
+        "--train_batch_size",
+        "4",
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "2",
+        "--validation_steps",
+        "2",
+        "--report_to",
+        "tensorboard",
+        "--random_flip",
+        "--use_ema",
+        "--ema_decay",
+        "0.9",
+    )
+    out = workspace / "finetune"
+    pipe = VARPipeline.from_pretrained(out)
+    assert (out / "checkpoint-2").is_dir() and "base model" in (out / "README.md").read_text()
+    assert max_relative_difference(weights(out), weights(workspace / "pipe")) > 1e-4, "training changed nothing"
+    assert pipe(class_labels=[0], output_type="pt").images.shape == (1, 3, 8, 8)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "train_var"), size_guidance={"images": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in (
+        "train/loss",
+        "train/mean_loss",
+        "train/last_scale_loss",
+        "train/accuracy",
+        "train/last_scale_accuracy",
+        "lr",
+    ):
+        assert tag in scalars, tag
+    assert len(events.Scalars("train/loss")) == 3
+    assert "validation" in events.Tags()["images"]
+
+
+def test_finetune_with_a_new_class_count(workspace):
+    run(workspace, "resized", "--train_batch_size", "4", "--max_train_steps", "2", "--num_classes", "3")
+    pipe = VARPipeline.from_pretrained(workspace / "resized")
+    assert pipe.transformer.config.num_classes == 3
+    assert pipe.config.id2label == {0: "a", 1: "b", 2: "c"} and pipe.get_label_ids("b") == [1]
+    assert pipe.transformer.class_embedding.weight.shape[0] == 4  # three classes and the null class
+
+
+def test_train_from_scratch(workspace):
+    config = workspace / "var_config.json"
+    config.write_text(
+        json.dumps(
+            dict(
+                num_classes=3,
+                vocab_size=32,
+                latent_channels=8,
+                patch_nums=[1, 2, 4],
+                depth=1,
+                embed_dim=32,
+                num_heads=2,
+            )
+        )
+    )
+    run(
+        workspace,
+        "scratch",
+        "--model_config",
+        str(config),
+        "--vqvae_name_or_path",
+        str(workspace / "pipe"),
+        "--train_batch_size",
+        "4",
+        "--max_train_steps",
+        "2",
+    )
+    pipe = VARPipeline.from_pretrained(workspace / "scratch")
+    assert pipe.transformer.config.depth == 1 and pipe.transformer.config.num_classes == 3
+
+
+def test_resume_is_exact(workspace):
+    common = [
+        "--train_batch_size",
+        "2",
+        "--checkpointing_steps",
+        "3",
+        "--random_flip",
+        "--use_ema",
+        "--class_dropout_prob",
+        "0.3",
+        "--lr_warmup_steps",
+        "2",
+    ]
+    run(workspace, "straight", *common, "--max_train_steps", "6")
+    run(workspace, "resumed", *common, "--max_train_steps", "3")
+    assert not (workspace / "resumed" / "checkpoint-6").exists()
+    run(workspace, "resumed", *common, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    difference = max_relative_difference(weights(workspace / "resumed"), weights(workspace / "straight"))
+    assert difference <= 1e-6, f"resumed run differs by {difference:.2e}"
+
+
+def test_two_processes_equal_one(workspace):
+    common = ["--max_train_steps", "3", "--class_dropout_prob", "0", "--random_flip", "--checkpointing_steps", "100"]
+    run(workspace, "one", *common, "--train_batch_size", "4")
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--mixed_precision",
+        "no",
+    ]
+    run(workspace, "two", *common, "--train_batch_size", "2", launcher=launcher)
+    difference = max_relative_difference(weights(workspace / "two"), weights(workspace / "one"))
+    assert difference <= 1e-4, f"2 processes differ from 1 by {difference:.2e}"
+    assert max_relative_difference(weights(workspace / "one"), weights(workspace / "pipe")) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num_classes", "2"], r"4 label\(s\) outside \[0, 2\)"),
+        (["--image_column", "img"], "--image_column 'img' is not a column"),
+        (["--resolution", "16"], "--resolution 16 does not match the tokenizer's 8 px"),
+    ],
+)
+def test_bad_data_stops_before_step_one(workspace, extra, message):
+    result = run(workspace, "bad", "--max_train_steps", "1", *extra, check=False)
+    assert result.returncode != 0 and message.replace("\\", "") in result.stderr.replace("\\", "")
+    assert not (workspace / "bad" / "model_index.json").exists()
+
+
+def test_push_to_hub_sends_the_pipeline_and_card(workspace, tmp_path):
+    uploaded = tmp_path / "uploaded"
+    wrapper = f"""
+import shutil, sys, runpy, huggingface_hub
+from huggingface_hub import RepoUrl
+huggingface_hub.HfApi.create_repo = lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{{repo_id}}")
+def upload_folder(self, repo_id, folder_path, **kw):
+    shutil.copytree(folder_path, {str(uploaded)!r})
+    return f"https://huggingface.co/{{repo_id}}/commit/0"
+huggingface_hub.HfApi.upload_folder = upload_folder
+sys.argv = sys.argv[1:]  # drop "-c": the script path comes first
+runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
+"""
+    launcher = [sys.executable, "-c", wrapper]
+    run(
+        workspace,
+        "pushed",
+        "--max_train_steps",
+        "1",
+        "--train_batch_size",
+        "4",
+        "--push_to_hub",
+        "--hub_model_id",
+        "me/tiny-var",
+        launcher=launcher,
+    )
+    files = sorted(str(p.relative_to(uploaded)) for p in uploaded.rglob("*") if p.is_file())
+    assert files == [
+        "README.md",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "transformer/config.json",
+        "transformer/model.safetensors",
+        "vqvae/config.json",
+        "vqvae/diffusion_pytorch_model.safetensors",
+    ]
+    card = (uploaded / "README.md").read_text()
+    assert "me/tiny-var" in card and "training data" in card and "library_name: diffusers" in card
