@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "train": ["datasets>=3", "tensorboard"],
-        "test": ["pytest>=8", "scikit-learn", "ruff"],
+        "test": ["pytest>=8", "ruff", "datasets>=3", "tensorboard"],
     },
     entry_points={"console_scripts": ["diffusers-var=diffusers_var.cli:main"]},
 )
