@@ -124,23 +124,26 @@ def test_sampling_matches_official(case):
 
 @torch.no_grad()
 def test_guided_logits_per_scale(case):
-    """The scheduler's guided logits at every scale equal the official CFG-combined logits (greedy call)."""
+    """(1 + t)·cond − t·uncond at every scale, with the scheduler's t, equals the official CFG-combined logits."""
     pipe, ref, config = case
     call = config["ar_calls"]["ar_greedy_cfg4p0"]
-    recorded = []
-    step = pipe.scheduler.step
+    kwargs = _pipeline_kwargs(call)
+    guided = []
+    forward_scale = pipe.transformer.forward_scale
 
-    def recording_step(*args, **kwargs):
-        out = step(*args, **kwargs)
-        recorded.append(out.logits)
-        return out
+    def recording_forward_scale(class_labels, scale_index, *args):
+        logits = forward_scale(class_labels, scale_index, *args)
+        t = pipe.scheduler.guidance_weight(scale_index, kwargs["guidance_scale"])
+        conditional, unconditional = logits.chunk(2)
+        guided.append((1 + t) * conditional - t * unconditional)
+        return logits
 
-    pipe.scheduler.step = recording_step
+    pipe.transformer.forward_scale = recording_forward_scale
     try:
-        pipe(output_type="latent", generator=torch.Generator().manual_seed(call["g_seed"]), **_pipeline_kwargs(call))
+        pipe(output_type="latent", generator=torch.Generator().manual_seed(call["g_seed"]), **kwargs)
     finally:
-        del pipe.scheduler.step
-    assert_close(torch.cat(recorded, dim=1), ref["ar_greedy_cfg4p0_logits_BLV"], "ar_greedy_cfg4p0_logits_BLV")
+        del pipe.transformer.forward_scale
+    assert_close(torch.cat(guided, dim=1), ref["ar_greedy_cfg4p0_logits_BLV"], "ar_greedy_cfg4p0_logits_BLV")
 
 
 def test_safetensors_checkpoints_convert_identically(tmp_path):

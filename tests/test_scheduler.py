@@ -36,8 +36,14 @@ def test_step_applies_guidance_to_the_cond_uncond_halves():
         torch.cat((cond, uncond)), 1, guidance_scale=3.0, top_k=1, generator=torch.Generator().manual_seed(0)
     )
     expected = 3.0 * cond - 2.0 * uncond
-    torch.testing.assert_close(out.logits, expected)
+    kept = out.logits.isfinite()
+    assert kept.sum(-1).eq(1).all() and torch.equal(out.logits[kept], expected.amax(-1).flatten())
     assert torch.equal(out.token_map.flatten(1), expected.argmax(-1))
+    unfiltered = scheduler.step(torch.cat((cond, uncond)), 1, guidance_scale=3.0, top_k=0)
+    torch.testing.assert_close(unfiltered.logits, expected)
+    model_output = torch.cat((cond, cond))
+    scheduler.step(model_output, 1, guidance_scale=1.0, top_k=1)
+    assert torch.equal(model_output, torch.cat((cond, cond))), "step must not modify its input"
     unguided = scheduler.step(cond, 1, guidance_scale=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(unguided.token_map.flatten(1), cond.argmax(-1))
 

@@ -215,8 +215,10 @@ class VARPipeline(DiffusionPipeline):
                 more_smooth,
                 generator=generator,
             )
+            del logits  # keep the peak down: nothing of this scale's logits outlives its step
             token_maps.append(step.token_map)
             f_hat = self.vqvae.accumulate_scale(f_hat, si, step.token_map, step.code_weights)
+            del step
             if callback_on_step_end is not None:
                 tensors = {"f_hat": f_hat}
                 values = callback_on_step_end(self, si, si, {name: tensors[name] for name in tensor_inputs})
@@ -225,7 +227,7 @@ class VARPipeline(DiffusionPipeline):
                 scale_input = self.vqvae.scale_input(f_hat, si + 1)
                 scale_input = torch.cat((scale_input, scale_input)) if guided else scale_input
 
-        del kv_cache, logits, step, scale_input  # the cache is the largest buffer; free it before decoding
+        del kv_cache, scale_input  # the cache is the largest buffer; free it before decoding
 
         if output_type == "latent":
             images = token_maps

@@ -20,7 +20,7 @@ class VARSchedulerOutput(BaseOutput):
         token_map: sampled codes (B, pn, pn).
         code_weights: with Gumbel smoothing, the soft code weights (B, pn², V) that replace the hard embedding;
             otherwise ``None``.
-        logits: the guided logits (B, pn², V) before filtering.
+        logits: the guided, temperature-scaled logits (B, pn², V) after filtering (−inf where filtered out).
     """
 
     token_map: torch.LongTensor
@@ -28,22 +28,27 @@ class VARSchedulerOutput(BaseOutput):
     logits: torch.Tensor | None = None
 
 
-def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None = 0, top_p: float | None = 1.0) -> torch.Tensor:
-    """Set to −inf every logit below the k-th largest (ties kept), then outside the top-p nucleus (largest kept).
-
-    ``top_k=0`` / ``top_p=1`` (or ``None``) switch a filter off. Works on the last dimension; returns a new tensor.
+def top_k_top_p_filter_(logits: torch.Tensor, top_k: int | None = 0, top_p: float | None = 1.0) -> torch.Tensor:
+    """In place: set to −inf every logit below the k-th largest (ties kept), then outside the top-p nucleus (the
+    largest always kept). ``top_k=0`` / ``top_p=1`` (or ``None``) switch a filter off. Works on the last dimension.
     """
     vocab = logits.shape[-1]
     top_k, top_p = top_k or 0, 1.0 if top_p is None else top_p
     if 0 < top_k < vocab:
         kth_largest = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        logits.masked_fill_(logits < kth_largest, float("-inf"))
     if top_p < 1:
         ascending, order = logits.sort(dim=-1)
-        drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop_sorted = ascending.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        del ascending
         drop_sorted[..., -1] = False
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        logits.masked_fill_(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None = 0, top_p: float | None = 1.0) -> torch.Tensor:
+    """:func:`top_k_top_p_filter_` on a copy."""
+    return top_k_top_p_filter_(logits.clone(), top_k, top_p)
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | list | None) -> torch.LongTensor:
@@ -187,12 +192,13 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
             logits = (1 + t) * conditional - t * unconditional
         if logits.shape[1] != side * side:
             raise ValueError(f"Scale {scale_index} has {side * side} positions, but the logits have {logits.shape[1]}.")
-        guided = logits
+        if logits is model_output:
+            logits = logits.clone()  # filtering works in place (as the official sampler does), but not on our input
         if temperature != 1.0:
-            logits = logits / temperature
-        batch, positions, vocab = logits.shape
-        filtered = top_k_top_p_filter(logits, top_k=top_k, top_p=top_p)
-        tokens = sample_categorical(filtered.softmax(dim=-1).view(-1, vocab), generator)
+            logits.div_(temperature)
+        batch, _, vocab = logits.shape
+        top_k_top_p_filter_(logits, top_k=top_k, top_p=top_p)
+        tokens = sample_categorical(logits.softmax(dim=-1).view(-1, vocab), generator)
         token_map = tokens.view(batch, side, side)
 
         code_weights = None
@@ -202,10 +208,10 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
                 self.config.more_smooth_tau_max * (1 - progress * 0.95),
                 self.config.more_smooth_tau_min,
             )
-            sharpened = filtered * (1 + progress)
+            sharpened = logits * (1 + progress)
             gumbel = -_exponential_like(sharpened, generator).log()
             code_weights = ((sharpened + gumbel) / tau).softmax(dim=-1)
 
         if not return_dict:
-            return (token_map, code_weights, guided)
-        return VARSchedulerOutput(token_map=token_map, code_weights=code_weights, logits=guided)
+            return (token_map, code_weights, logits)
+        return VARSchedulerOutput(token_map=token_map, code_weights=code_weights, logits=logits)
