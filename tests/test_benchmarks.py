@@ -1,0 +1,24 @@
+"""The benchmark scripts run and print the figures they promise (smoke test on a tiny model; no timing asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_speed_prints_json(capsys):
+    result = _load("sample_speed").main(["--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == result
+    assert result["images_per_s"] > 0 and result["peak_memory_mib"] > 0 and result["memory_method"]
+    assert result["batch_size"] == 2 and result["model"] == "tiny"
