@@ -6,8 +6,8 @@ and converted with ``diffusers_var.convert.convert``. Reported:
 
 * ``teacher_forcing``: tokenizer tokens of random images, and the transformer logits on the official tokens;
 * ``greedy`` (official cfg=1.5, top_k=1, top_p=0 ↔ ours guidance_scale=2.5, top_k=1, top_p=1) and ``sampled``
-  (top_k=900, top_p=0.96, the same seed): tokens, guided logits of every scale up to the first differing token,
-  and images (both in [0, 1]);
+  (top_k=900, top_p=0.96, the same seed): tokens; guided logits, and the filtered ones' −inf mask and values, of
+  every scale up to the first differing token; images (both in [0, 1]);
 * ``speed``: images/s (median of all timed runs) and peak memory of each side, each measured in fresh worker
   processes (this script re-invoked with ``--worker``), alternating official/ours over ``--rounds``; memory once
   more per side in a worker whose freed tensors return to the OS (see ``memory_method``).
@@ -125,15 +125,17 @@ def teacher_forcing(vae, var, pipe: VARPipeline, labels: torch.Tensor, seed: int
 
 
 def autoregressive(vae, var, pipe: VARPipeline, labels: torch.Tensor, seed: int, top_k: int, top_p: float) -> dict:
-    """One official and one of our sampling calls; tokens and guided logits captured at every scale."""
+    """One official and one of our sampling calls; tokens, guided and filtered logits captured at every scale."""
     import models.var as official_var  # the official sampler is looked up in this module at call time
 
-    official_logits, official_tokens, ours_logits, ours_tokens = [], [], [], []
+    official_logits, official_filtered, official_tokens = [], [], []
+    ours_logits, ours_filtered, ours_tokens = [], [], []
     sample_fn = official_var.sample_with_top_k_top_p_
 
     def official_sample(logits, **kwargs):
+        official_logits.append(logits.clone())
         tokens = sample_fn(logits, **kwargs)
-        official_logits.append(logits.clone())  # masked in place, as ours are: both filtered, -inf where dropped
+        official_filtered.append(logits.clone())  # masked in place: -inf where top-k/top-p dropped a code
         official_tokens.append(tokens[:, :, 0])
         return tokens
 
@@ -152,6 +154,7 @@ def autoregressive(vae, var, pipe: VARPipeline, labels: torch.Tensor, seed: int,
         t = pipe.scheduler.guidance_weight(scale_index, guidance_scale)
         ours_logits.append((1 + t) * conditional - t * unconditional)
         out = step(model_output, scale_index, guidance_scale, *args, **kwargs)
+        ours_filtered.append(out.logits.clone())  # after filtering, -inf where dropped
         ours_tokens.append(out.token_map)  # the list output_type="latent" returns
         return out
 
@@ -171,16 +174,14 @@ def autoregressive(vae, var, pipe: VARPipeline, labels: torch.Tensor, seed: int,
     equal = [torch.equal(flat([a]), flat([b])) for a, b in zip(official_tokens, ours_tokens)]
     first_diff = equal.index(False) if False in equal else None
     compared = slice(0, None if first_diff is None else first_diff + 1)  # the logits of later scales see other inputs
+    filtered = list(zip(official_filtered[compared], ours_filtered[compared]))
     return {
         "tokens_identical": all(equal),
         "token_mismatches": (flat(official_tokens) != flat(ours_tokens)).sum().item(),
         "first_differing_scale": first_diff,
-        "filtered_logits_identical_mask": all(
-            torch.equal(a.isfinite(), b.isfinite()) for a, b in zip(official_logits[compared], ours_logits[compared])
-        ),
-        "filtered_logits_max_abs_diff": max(
-            max_abs(a[a.isfinite()], b[a.isfinite()]) for a, b in zip(official_logits[compared], ours_logits[compared])
-        ),
+        "guided_logits_max_abs_diff": max(map(max_abs, official_logits[compared], ours_logits[compared])),
+        "filtered_logits_same_mask": all(torch.equal(a.isfinite(), b.isfinite()) for a, b in filtered),
+        "filtered_logits_max_abs_diff": max(max_abs(a[a.isfinite()], b[a.isfinite()]) for a, b in filtered),
         "image_max_abs_diff": max_abs(official_images, ours_images),
         "image_std": official_images.std().item(),
     }
