@@ -107,12 +107,18 @@ class ResolutionLevel(nn.Module):
         )
         self.resample = resample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def layers(self) -> list[nn.Module]:
+        """The modules in the order they run. Callers loop over these rather than calling the level, so that no
+        frame keeps the level's input alive while it runs (one full-resolution activation at 256 px)."""
+        order = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x)
-            if self.attentions:
-                x = self.attentions[i](x)
-        return x if self.resample is None else self.resample(x)
+            order += [resnet, self.attentions[i]] if self.attentions else [resnet]
+        return order + ([self.resample] if self.resample is not None else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers():
+            x = layer(x)
+        return x
 
 
 class Encoder(nn.Module):
@@ -155,7 +161,8 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         hidden = self.conv_in(images)
         for level in self.down_blocks:
-            hidden = level(hidden)
+            for layer in level.layers():
+                hidden = layer(hidden)
         hidden = self.mid_block(hidden)
         return self.conv_out(F.silu(self.norm_out(hidden), inplace=True))
 
@@ -201,5 +208,6 @@ class Decoder(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         hidden = self.mid_block(self.conv_in(latents))
         for level in self.up_blocks:
-            hidden = level(hidden)
+            for layer in level.layers():
+                hidden = layer(hidden)
         return self.conv_out(F.silu(self.norm_out(hidden), inplace=True))

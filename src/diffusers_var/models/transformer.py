@@ -288,7 +288,7 @@ class VARPreTrainedModel(PreTrainedModel):
             if role == "residual_out":
                 weight = weight / math.sqrt(2 * config.depth)
             elif role == "adaln":
-                weight = weight * _adaln_gains(config, module.out_features // 6).view(-1, 1)
+                weight = weight * _adaln_gains(config, module.out_features // 6).view(-1, 1).to(weight)
             elif role == "head":
                 weight = weight * config.init_head
             elif role == "head_adaln":
@@ -353,7 +353,7 @@ class VARTransformer(VARPreTrainedModel):
         self.input_proj = nn.Linear(config.latent_channels, channels)
         if config.shared_adaln:
             self.shared_adaln = nn.Linear(channels, 6 * channels)
-        drop_paths = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        drop_paths = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(VARBlock(config, i, drop_paths[i]) for i in range(config.depth))
         self.head_norm = nn.LayerNorm(channels, eps=config.norm_eps, elementwise_affine=False)
         self.head_adaln = nn.Linear(channels, 2 * channels)
