@@ -38,6 +38,9 @@ def save_png_atomically(image: PIL.Image.Image, path: str | os.PathLike) -> None
     os.close(handle)
     try:
         image.save(tmp, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the image should read like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
