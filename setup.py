@@ -25,7 +25,9 @@ setup(
     ],
     extras_require={
         "train": ["datasets>=3", "tensorboard"],
-        "test": ["pytest>=8", "ruff", "datasets>=3", "tensorboard"],
+        "test": ["pytest>=8", "ruff", "datasets>=3", "tensorboard", "scikit-learn>=1.3"],
+        # examples/digits: the data (sklearn's bundled digits) and the evaluation's classifier and feature MLP
+        "digits": ["scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["diffusers-var=diffusers_var.cli:main"]},
 )
