@@ -1,7 +1,8 @@
 """diffusers-var: VAR (Visual AutoRegressive modeling) for diffusers and transformers.
 
 The public API: ``MultiScaleVQVAE`` (tokenizer), ``VARConfig``/``VARTransformer`` (next-scale predictor, also
-reachable through ``AutoConfig``/``AutoModel``), ``VARScaleScheduler`` (guidance and sampling) and ``VARPipeline``.
+reachable through ``AutoConfig``/``AutoModel``), ``VARScaleScheduler`` (guidance and sampling) and ``VARPipeline``;
+``bundled_model_path`` finds the models shipped in the package (``VARPipeline.from_pretrained("var-digits")``).
 """
 
 from transformers import AutoConfig, AutoModel
@@ -14,6 +15,7 @@ from .models.transformer import (
 )
 from .models.vqvae import MultiScaleVQVAE, MultiScaleVQVAEOutput
 from .pipelines.var import VARPipeline, VARPipelineOutput
+from .pretrained import BUNDLED_MODELS, bundled_model_path
 from .schedulers.scale import VARScaleScheduler, VARSchedulerOutput
 
 __version__ = "0.1.0"
@@ -22,6 +24,7 @@ AutoConfig.register(VARConfig.model_type, VARConfig, exist_ok=True)
 AutoModel.register(VARConfig, VARTransformer, exist_ok=True)
 
 __all__ = [
+    "BUNDLED_MODELS",
     "MultiScaleVQVAE",
     "MultiScaleVQVAEOutput",
     "VARConfig",
@@ -32,4 +35,5 @@ __all__ = [
     "VARSchedulerOutput",
     "VARTransformer",
     "VARTransformerOutput",
+    "bundled_model_path",
 ]

@@ -15,6 +15,7 @@ from diffusers.utils import BaseOutput
 from ..hub import atomic_directory, download_snapshot, push_pipeline_to_hub
 from ..models.transformer import VARTransformer
 from ..models.vqvae import MultiScaleVQVAE
+from ..pretrained import BUNDLED_MODELS, bundled_model_path
 from ..schedulers.scale import VARScaleScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -250,7 +251,13 @@ class VARPipeline(DiffusionPipeline):
 
         (transformers 5 would otherwise load the transformer in its checkpoint's dtype while diffusers loads the
         tokenizer in fp32, so a pipeline saved in bf16 would come back with mixed precisions.)
+
+        A bundled model's name (``"var-digits"``, see ``diffusers_var.pretrained``) loads the copy shipped in the
+        package, unless a local folder of that name exists: a folder the user made always wins.
         """
+        name = os.fspath(pretrained_model_name_or_path)
+        if name in BUNDLED_MODELS and not os.path.exists(name):
+            pretrained_model_name_or_path = str(bundled_model_path(name))
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = torch.float32
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
