@@ -10,8 +10,17 @@ setup(
     python_requires=">=3.10",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    # src/diffusers_var/model_cards links to the top-level model_cards/, so the templates ship in the wheel
-    package_data={"diffusers_var": ["data/*.json", "model_cards/*.md"]},
+    # src/diffusers_var/model_cards links to the top-level model_cards/, so the templates ship in the wheel;
+    # pretrained/<name>/ holds the bundled pipelines (diffusers_var.pretrained), folders that are not packages
+    package_data={
+        "diffusers_var": [
+            "data/*.json",
+            "model_cards/*.md",
+            "pretrained/**/*.safetensors",
+            "pretrained/**/*.json",
+            "pretrained/**/*.md",
+        ]
+    },
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.42,<0.43",

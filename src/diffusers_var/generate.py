@@ -70,7 +70,10 @@ def _class_name(pipe: VARPipeline, class_id: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
     parser.add_argument(
-        "--model", default=default_model, required=default_model is None, help="a pipeline folder or a Hub repo id"
+        "--model",
+        default=default_model,
+        required=default_model is None,
+        help="a pipeline folder, a bundled model name (e.g. var-digits) or a Hub repo id",
     )
     parser.add_argument(
         "--class-labels", nargs="+", default=None, help="class ids or names (default: every class of the model)"
