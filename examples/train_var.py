@@ -17,25 +17,27 @@ for guidance). The result is a VARPipeline folder in --output_dir with a model c
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import logging
-import math
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, skip_first_batches
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from diffusers_var import MultiScaleVQVAE, VARConfig, VARPipeline, VARScaleScheduler, VARTransformer
-from diffusers_var.hub import make_model_card, save_pipeline_into
-from diffusers_var.training.checkpoints import checkpoint_step, resolve_resume_path, save_checkpoint
+from diffusers_var.hub import load_vqvae, make_model_card, save_pretrained_into
+from diffusers_var.training.arguments import add_data_arguments, add_logging_arguments, add_training_arguments
+from diffusers_var.training.checkpoints import save_checkpoint
 from diffusers_var.training.data import ImageClassDataset, check_dataset, load_image_dataset
 from diffusers_var.training.ema import ParameterEMA
-from diffusers_var.training.launch import cpu_only, spawn_cpu_processes
+from diffusers_var.training.loop import (
+    TrainingPlan,
+    find_resume_checkpoint,
+    make_accelerator,
+    tracker_config,
+    training_batches,
+)
 from diffusers_var.training.objective import teacher_forcing_batch, var_loss
 from diffusers_var.training.optim import make_optimizer, scaled_learning_rate
 from diffusers_var.training.validation import log_validation_grid
@@ -48,50 +50,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", help="a VARPipeline folder or Hub repo id to fine-tune")
     model.add_argument("--model_config", help="JSON of VARConfig arguments, to train a transformer from scratch")
-    model.add_argument("--vqvae_name_or_path", help="with --model_config: the tokenizer (folder, or pipeline folder)")
+    model.add_argument(
+        "--vqvae_name_or_path", help="with --model_config: the tokenizer (folder, pipeline folder or repo id)"
+    )
     model.add_argument("--num_classes", type=int, help="resize the class embedding (the null class is kept)")
     model.add_argument("--class_dropout_prob", type=float, default=0.1, help="label → null class, for guidance")
     model.add_argument("--label_smoothing", type=float, default=0.0)
     model.add_argument("--gradient_checkpointing", action="store_true")
-    data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", help="an image folder: one sub-folder per class, sorted = class ids")
-    data.add_argument("--dataset_name", help="a Hub or local dataset")
-    data.add_argument("--dataset_config_name")
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--label_column", default="label")
-    data.add_argument("--resolution", type=int, help="defaults to the tokenizer's image size")
-    data.add_argument("--center_crop", action="store_true", help="centre crop (default: random crop)")
-    data.add_argument("--random_flip", action="store_true")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
-    data.add_argument("--cache_dir")
-    train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default="var-output")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--train_batch_size", type=int, default=16, help="per process")
-    train.add_argument("--num_epochs", type=int, default=1)
-    train.add_argument("--max_train_steps", type=int, help="overrides --num_epochs")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=1e-4, help="base lr per 256 images (official tblr)")
-    train.add_argument("--no_scale_lr", action="store_true", help="use --learning_rate as is, not × batch / 256")
-    train.add_argument("--lr_scheduler", default="constant_with_warmup")
-    train.add_argument("--lr_warmup_steps", type=int, default=0)
-    train.add_argument("--adam_weight_decay", type=float, default=0.05)
-    train.add_argument("--max_grad_norm", type=float, default=2.0, help="≤ 0 disables clipping")
-    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    train.add_argument("--use_ema", action="store_true")
-    train.add_argument("--ema_decay", type=float, default=0.9999)
-    train.add_argument("--checkpointing_steps", type=int, default=500)
-    train.add_argument("--checkpoints_total_limit", type=int)
-    train.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
-    log = parser.add_argument_group("logging and sharing")
-    log.add_argument("--report_to", default="tensorboard", help="accelerate tracker(s), or 'none'")
-    log.add_argument("--logging_dir", default="logs")
-    log.add_argument("--validation_steps", type=int, default=500)
+    add_data_arguments(parser)
+    add_training_arguments(parser, output_dir="var-output", learning_rate=1e-4)
+    log = add_logging_arguments(parser)
     log.add_argument("--validation_classes", type=int, nargs="+", help="default: up to 8 classes")
     log.add_argument("--validation_guidance_scale", type=float, default=2.5)
-    log.add_argument("--push_to_hub", action="store_true")
-    log.add_argument("--hub_model_id")
-    log.add_argument("--hub_token")
     args = parser.parse_args(argv)
     if (args.pretrained_model_name_or_path is None) == (args.model_config is None):
         parser.error("give exactly one of --pretrained_model_name_or_path or --model_config")
@@ -104,8 +74,7 @@ def load_components(args) -> tuple[MultiScaleVQVAE, VARTransformer, VARScaleSche
     if args.pretrained_model_name_or_path:
         pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path, cache_dir=args.cache_dir)
         return pipe.vqvae, pipe.transformer, pipe.scheduler, pipe.config.id2label
-    path = Path(args.vqvae_name_or_path)
-    vqvae = MultiScaleVQVAE.from_pretrained(path, subfolder="vqvae" if (path / "vqvae").is_dir() else None)
+    vqvae = load_vqvae(args.vqvae_name_or_path, cache_dir=args.cache_dir)
     config = VARConfig(**json.loads(Path(args.model_config).read_text()))
     transformer = VARTransformer(config)
     return vqvae, transformer, VARScaleScheduler(patch_nums=tuple(config.patch_nums)), None
@@ -113,20 +82,8 @@ def load_components(args) -> tuple[MultiScaleVQVAE, VARTransformer, VARScaleSche
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    spawn_cpu_processes()  # `accelerate launch --cpu --num_processes N` starts one process; start the N workers
+    accelerator = make_accelerator(args)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        cpu=cpu_only(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
 
     vqvae, transformer, scheduler, id2label = load_components(args)
     vqvae.requires_grad_(False).eval().to(accelerator.device)
@@ -160,17 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         drop_last=True,
     )
 
-    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    if len(dataset) < global_batch:
-        raise ValueError(
-            f"The dataset has {len(dataset)} images, fewer than one global batch of {global_batch} "
-            "(batch × processes × accumulation). Lower --train_batch_size."
-        )
+    plan = TrainingPlan.from_args(args, accelerator, loader, len(dataset))
+    global_batch, max_steps = plan.global_batch, plan.max_steps
     learning_rate = args.learning_rate if args.no_scale_lr else scaled_learning_rate(args.learning_rate, global_batch)
     optimizer = make_optimizer(transformer, learning_rate, args.adam_weight_decay)
-    steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
     # the prepared scheduler steps once per process per optimiser step
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -183,69 +133,44 @@ def main(argv: list[str] | None = None) -> None:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if accelerator.is_main_process:
-        accelerator.init_trackers(
-            "train_var", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        )
+        accelerator.init_trackers("train_var", config=tracker_config(args))
 
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    resume = resolve_resume_path(output_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        global_step = checkpoint_step(resume)
-        first_epoch, skip_batches = divmod(
-            global_step * args.gradient_accumulation_steps, steps_per_epoch * args.gradient_accumulation_steps
-        )
-        if global_step >= max_steps:  # nothing left to train: restore the final state and save it
-            accelerator.load_state(str(resume))
-    elif args.resume_from_checkpoint:
-        logger.info("No checkpoint to resume from; starting a new run.")
-
+    resume, global_step = find_resume_checkpoint(args)
     logger.info(f"{len(dataset)} images, global batch {global_batch}, lr {learning_rate:.3g}, {max_steps} steps")
     progress = tqdm(range(max_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
-    for epoch in range(first_epoch, num_epochs):
-        train_set.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        batches = iter(skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader)
-        if resume is not None and epoch == first_epoch and global_step < max_steps:
-            # Restore after fetching the first batch: starting the loader draws from the global RNG, which the
-            # uninterrupted run did at the start of the epoch, before the checkpoint's RNG state was taken.
-            batches = itertools.chain([next(batches)], batches)
-            accelerator.load_state(str(resume))
-            logger.info(f"Resumed from {resume} at step {global_step}")
-        for batch in batches:
-            with accelerator.accumulate(transformer):
-                inputs, targets = teacher_forcing_batch(vqvae, batch["pixel_values"])
-                with accelerator.autocast():
-                    loss, metrics = var_loss(transformer, batch["class_labels"], inputs, targets)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(transformer))
-            logs = {**metrics.as_dict("train/"), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(loss=f"{metrics.loss:.3f}", acc=f"{metrics.accuracy:.1f}")
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                log_validation_grid(
-                    accelerator,
-                    vqvae,
-                    accelerator.unwrap_model(transformer),
-                    scheduler,
-                    global_step,
-                    args.validation_classes,
-                    args.validation_guidance_scale,
-                    args.seed,
-                )
-            if global_step >= max_steps:
-                break
+    for batch in training_batches(accelerator, loader, train_set, plan, resume, global_step):
+        with accelerator.accumulate(transformer):
+            inputs, targets = teacher_forcing_batch(vqvae, batch["pixel_values"])
+            with accelerator.autocast():
+                loss, metrics = var_loss(transformer, batch["class_labels"], inputs, targets)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        progress.update(1)
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(transformer))
+        logs = {**metrics.as_dict("train/"), "lr": lr_scheduler.get_last_lr()[0]}
+        progress.set_postfix(loss=f"{metrics.loss:.3f}", acc=f"{metrics.accuracy:.1f}")
+        accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            log_validation_grid(
+                accelerator,
+                vqvae,
+                accelerator.unwrap_model(transformer),
+                scheduler,
+                global_step,
+                args.validation_classes,
+                args.validation_guidance_scale,
+                args.seed,
+            )
         if global_step >= max_steps:
             break
 
@@ -265,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             "learning_rate": learning_rate,
             "resolution": resolution,
         }
-        save_pipeline_into(pipe, output_dir, make_model_card(pipe, "var-trained", card))
+        save_pretrained_into(pipe, output_dir, make_model_card(pipe, "var-trained", card))
         if args.push_to_hub:
             pipe.push_to_hub(
                 args.hub_model_id or output_dir.name, token=args.hub_token, card_template="var-trained", card_data=card

@@ -47,21 +47,21 @@ def atomic_directory(target: str | os.PathLike, keep_existing: bool = False) -> 
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_pipeline_into(pipeline, folder: str | os.PathLike, card: ModelCard | None = None) -> None:
-    """Write a pipeline (and its card as README.md) into ``folder`` without touching the folder's other files.
+def save_pretrained_into(pretrained, folder: str | os.PathLike, card: ModelCard | None = None) -> None:
+    """Write a pipeline or model (and its card as README.md) into ``folder`` without touching its other files.
 
-    For a training run's output folder, which also holds checkpoints and logs. The pipeline is written completely
-    to a temporary folder first and moved in entry by entry, with ``model_index.json`` last: a loader never finds
-    an index that points at missing weights.
+    For a training run's output folder, which also holds checkpoints and logs. Everything is written to a
+    temporary folder first and moved in entry by entry, with the config (``model_index.json`` or ``config.json``)
+    last: a loader never finds a config that points at missing weights.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".pipeline-") as tmp:
         staged = Path(tmp) / "pipeline"
-        pipeline.save_pretrained(staged)
+        pretrained.save_pretrained(staged)
         if card is not None:
             card.save(staged / "README.md")
-        entries = sorted(staged.iterdir(), key=lambda p: p.name == "model_index.json")
+        entries = sorted(staged.iterdir(), key=lambda p: p.name in ("model_index.json", "config.json"))
         for entry in entries:
             target = folder / entry.name
             if target.is_dir():
@@ -129,18 +129,73 @@ def make_model_card(pipeline, template: str = "var", card_data: dict | None = No
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{text}")
 
 
-def push_pipeline_to_hub(pipeline, repo_id, commit_message, private, token, create_pr, template, card_data) -> str:
-    """Save to a temporary folder with a model card and upload it as one commit; returns the commit URL."""
+def make_vqvae_card(vqvae, card_data: dict | None = None) -> ModelCard:
+    """The card of a tokenizer trained with ``examples/train_vqvae.py`` (template ``vqvae-trained``)."""
+    config = vqvae.config
+    fields = {
+        "model_name": "MultiScaleVQVAE",
+        "ch": config.ch,
+        "ch_mult": tuple(config.ch_mult),
+        "vocab_size": config.vocab_size,
+        "z_channels": config.z_channels,
+        "patch_nums": tuple(config.patch_nums),
+        "image_size": vqvae.image_size,
+        "num_parameters": sum(p.numel() for p in vqvae.parameters()),
+        "repo_id": "path/to/this-model",
+    }
+    fields.update(card_data or {})
+    metadata = ModelCardData(
+        library_name="diffusers",
+        license=fields.get("license", "mit"),
+        tags=["diffusers-var", "var", "vqvae", "tokenizer"],
+    )
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{card_template('vqvae-trained').format(**fields)}")
+
+
+def upload_pretrained(
+    pretrained, repo_id, make_card, commit_message=None, private=None, token=None, create_pr=False
+) -> str:
+    """Save a pipeline or model with the card ``make_card(repo_id)`` to a temporary folder and upload it as one
+    commit; returns the commit URL."""
     api = huggingface_hub.HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    card = make_model_card(pipeline, template, {"repo_id": repo_id, **(card_data or {})})
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline.save_pretrained(Path(tmp) / "pipeline")
-        card.save(Path(tmp) / "pipeline" / "README.md")
+        folder = Path(tmp) / "upload"
+        pretrained.save_pretrained(folder)
+        make_card(repo_id).save(folder / "README.md")
         commit = api.upload_folder(
             repo_id=repo_id,
-            folder_path=Path(tmp) / "pipeline",
-            commit_message=commit_message or "Upload VARPipeline",
+            folder_path=folder,
+            commit_message=commit_message or f"Upload {type(pretrained).__name__}",
             create_pr=create_pr,
         )
     return str(commit)
+
+
+def push_pipeline_to_hub(pipeline, repo_id, commit_message, private, token, create_pr, template, card_data) -> str:
+    """Upload a pipeline with a card from ``model_cards/<template>.md``; returns the commit URL."""
+    return upload_pretrained(
+        pipeline,
+        repo_id,
+        lambda resolved: make_model_card(pipeline, template, {"repo_id": resolved, **(card_data or {})}),
+        commit_message,
+        private,
+        token,
+        create_pr,
+    )
+
+
+def load_vqvae(name_or_path: str | os.PathLike, **kwargs):
+    """A MultiScaleVQVAE from a tokenizer folder, a pipeline folder (its ``vqvae/``), or a Hub repo id of either."""
+    from .models.vqvae import MultiScaleVQVAE
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        path = Path(download_snapshot(str(name_or_path), **kwargs))
+    if (path / "vqvae" / "config.json").is_file():
+        path = path / "vqvae"
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"{str(name_or_path)!r} holds neither a MultiScaleVQVAE (config.json) nor a pipeline's vqvae/."
+        )
+    return MultiScaleVQVAE.from_pretrained(path)
