@@ -255,7 +255,7 @@ def test_push_to_hub_uploads_safetensors_and_a_model_card(tmp_path, monkeypatch)
 
 
 def test_make_model_card_unknown_template_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"'no-such-card'.*available: \['var', 'var-trained'\]"):
+    with pytest.raises(ValueError, match=r"'no-such-card'.*available: \['var', 'var-trained', 'vqvae-trained'\]"):
         make_model_card(tiny_pipeline(), template="no-such-card")
 
 
