@@ -22,3 +22,13 @@ def test_sample_speed_prints_json(capsys):
     assert printed == result
     assert result["images_per_s"] > 0 and result["peak_memory_mib"] > 0 and result["memory_method"]
     assert result["batch_size"] == 2 and result["model"] == "tiny"
+
+
+def test_train_speed_prints_json(capsys):
+    module = _load("train_speed")
+    result = module.main(["--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["tokens_per_s"] > 0 and result["peak_memory_mib"] > 0
+    assert result["tokens_per_image"] == 1 + 4 + 16 and result["target"] == "transformer"
+    result = module.main(["--tiny", "--target", "vqvae", "--precision", "bf16", "--repeats", "1", "--warmup", "0"])
+    assert result["tokens_per_s"] > 0 and result["precision"] == "bf16"
