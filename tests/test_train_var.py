@@ -237,3 +237,10 @@ runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
     ]
     card = (uploaded / "README.md").read_text()
     assert "me/tiny-var" in card and "training data" in card and "library_name: diffusers" in card
+
+
+def test_bf16_mixed_precision(workspace):
+    run(workspace, "bf16", "--train_batch_size", "4", "--max_train_steps", "2", "--mixed_precision", "bf16")
+    trained, start = weights(workspace / "bf16"), weights(workspace / "pipe")
+    assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in trained.values())
+    assert max_relative_difference(trained, start) > 1e-4

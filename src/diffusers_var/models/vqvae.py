@@ -25,9 +25,10 @@ class MultiScaleVQVAEOutput(BaseOutput):
     """
 
     sample: torch.Tensor
-    vq_loss: torch.Tensor
-    codebook_usage: torch.Tensor
-    token_maps: list[torch.LongTensor]
+    # defaults, so that accelerate's mixed-precision wrapper can rebuild the output from a dict
+    vq_loss: torch.Tensor | None = None
+    codebook_usage: torch.Tensor | None = None
+    token_maps: list[torch.LongTensor] | None = None
 
 
 class MultiScaleVQVAE(ModelMixin, ConfigMixin):
