@@ -13,12 +13,12 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
-from conftest import tiny_pipeline
+from conftest import tiny_pipeline, tiny_vqvae
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from diffusers_var import VARPipeline, VARTransformer
-from diffusers_var.hub import make_model_card
+from diffusers_var.hub import make_model_card, save_pretrained_into
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -255,7 +255,8 @@ def test_push_to_hub_uploads_safetensors_and_a_model_card(tmp_path, monkeypatch)
 
 
 def test_make_model_card_unknown_template_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"'no-such-card'.*available: \['var', 'var-trained', 'vqvae-trained'\]"):
+    available = r"available: \['var', 'var-digits', 'var-trained', 'vqvae-trained'\]"
+    with pytest.raises(ValueError, match=r"'no-such-card'.*" + available):
         make_model_card(tiny_pipeline(), template="no-such-card")
 
 
@@ -265,3 +266,15 @@ def test_make_model_card_fills_the_template():
     assert card.data.license == "apache-2.0"
     assert 'from_pretrained("org/name")' in card.text
     assert "scales (1, 2, 4)" in card.text and "8 px" in card.text
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    # diffusers writes its safetensors private (0600); a saved pipeline should read like any other new file
+    umask = os.umask(0o022)
+    try:
+        tiny_pipeline().save_pretrained(tmp_path / "pipe")
+        save_pretrained_into(tiny_vqvae(), tmp_path / "run")
+    finally:
+        os.umask(umask)
+    for path in [*(tmp_path / "pipe").rglob("*"), *(tmp_path / "run").rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path

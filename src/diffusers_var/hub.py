@@ -16,6 +16,26 @@ from huggingface_hub.constants import HF_HUB_OFFLINE
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def normal_permissions(folder: str | os.PathLike) -> None:
+    """Give every file and folder under ``folder`` the permissions a plain new one gets under the umask.
+
+    Temporary files are private (0600) and diffusers 0.42 writes its safetensors that way; a saved model should
+    read like any other file, e.g. in a shared cache or a package.
+    """
+    umask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, keep_existing: bool = False) -> Iterator[str]:
     """Yield a temporary sibling folder; on success it replaces ``target`` in one rename, on error it is removed.
@@ -27,9 +47,7 @@ def atomic_directory(target: str | os.PathLike, keep_existing: bool = False) -> 
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder
     try:
         if keep_existing and target.is_dir():
             shutil.copytree(target, tmp, dirs_exist_ok=True)  # copies, not links: the writer may rewrite in place
@@ -37,6 +55,7 @@ def atomic_directory(target: str | os.PathLike, keep_existing: bool = False) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    normal_permissions(tmp)
     old = None
     if target.exists():
         old = tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
@@ -61,6 +80,7 @@ def save_pretrained_into(pretrained, folder: str | os.PathLike, card: ModelCard 
         pretrained.save_pretrained(staged)
         if card is not None:
             card.save(staged / "README.md")
+        normal_permissions(staged)
         entries = sorted(staged.iterdir(), key=lambda p: p.name in ("model_index.json", "config.json"))
         for entry in entries:
             target = folder / entry.name
