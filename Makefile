@@ -22,11 +22,9 @@ test: install
 	@test -f "$(VAR_REFERENCE_FIXTURES)/README.md" || { echo "Reference fixtures not found at $(VAR_REFERENCE_FIXTURES): set VAR_REFERENCE_FIXTURES. Parity is never skipped." >&2; exit 1; }
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
-# Convert an official-layout checkpoint (the reference fixture) and sample a labelled grid from it.
+# The main job: the bundled var-digits model, every class → grid.png (offline).
 demo: install
-	$(VENV)/bin/diffusers-var convert --official-config $(FIXTURES)/A_adaln_l2norm_qsr4/config.json \
-		--vae $(FIXTURES)/A_adaln_l2norm_qsr4/vae.pth --var $(FIXTURES)/A_adaln_l2norm_qsr4/var.pth --output demo/var-reference
-	$(VENV)/bin/diffusers-var generate --model demo/var-reference --class-labels 0 1 2 3 --num-per-class 4 --output demo/grid.png
+	$(VENV)/bin/diffusers-var generate
 
 lint: install
 	$(VENV)/bin/ruff format --check src tests benchmarks examples

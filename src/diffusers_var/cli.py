@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # bad input, missing files: a message, not a traceback
         parser.exit(2, f"error: {error}\n")
 
 

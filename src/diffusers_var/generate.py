@@ -2,6 +2,7 @@
 
 Usage::
 
+    diffusers-var generate                      # the bundled var-digits model, every class → grid.png
     diffusers-var generate --model path/to/pipeline --class-labels 0 1 "golden retriever" --output grid.png
     diffusers-var generate --model org/var-d16 --num-per-class 50 --seed 0 --output-dir samples/
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from .pipelines.var import VARPipeline
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MODEL = "var-digits"  # bundled with the package: the command works offline with no arguments
 
 
 def sample_seed(seed: int, class_id: int, index: int) -> int:
@@ -68,7 +70,7 @@ def _class_name(pipe: VARPipeline, class_id: int) -> str:
     return f"{class_id}: {name.split(',')[0]}" if name else str(class_id)
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = DEFAULT_MODEL) -> None:
     parser.add_argument(
         "--model",
         default=default_model,
