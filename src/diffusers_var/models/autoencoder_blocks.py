@@ -121,6 +121,13 @@ class ResolutionLevel(nn.Module):
         return x
 
 
+def _layer_runner(module: nn.Module):
+    """``layer(x)``, or under activation checkpointing (training only) the same call recomputed in backward."""
+    if getattr(module, "gradient_checkpointing", False) and torch.is_grad_enabled():
+        return module._gradient_checkpointing_func
+    return lambda layer, hidden: layer(hidden)
+
+
 class Encoder(nn.Module):
     def __init__(
         self,
@@ -157,13 +164,15 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(block_in, dropout, norm_num_groups, mid_attention)
         self.norm_out = _group_norm(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        run = _layer_runner(self)
         hidden = self.conv_in(images)
         for level in self.down_blocks:
             for layer in level.layers():
-                hidden = layer(hidden)
-        hidden = self.mid_block(hidden)
+                hidden = run(layer, hidden)
+        hidden = run(self.mid_block, hidden)
         return self.conv_out(F.silu(self.norm_out(hidden), inplace=True))
 
 
@@ -204,10 +213,16 @@ class Decoder(nn.Module):
         self.up_blocks = nn.ModuleList(levels)
         self.norm_out = _group_norm(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        hidden = self.mid_block(self.conv_in(latents))
+        # Channels-last activations: oneDNN's convolutions run about a quarter faster on them on CPU (tensor cores
+        # prefer them on GPU). Only the decoder: its output is an image within 2e-5 of NCHW; the encoder's output
+        # picks codes, where a last-bit difference could flip a tie.
+        latents = latents.contiguous(memory_format=torch.channels_last)
+        run = _layer_runner(self)
+        hidden = run(self.mid_block, self.conv_in(latents))
         for level in self.up_blocks:
             for layer in level.layers():
-                hidden = layer(hidden)
-        return self.conv_out(F.silu(self.norm_out(hidden), inplace=True))
+                hidden = run(layer, hidden)
+        return self.conv_out(F.silu(self.norm_out(hidden), inplace=True)).contiguous()
