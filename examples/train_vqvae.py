@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--vqvae_config", help="JSON of MultiScaleVQVAE arguments, to train from scratch")
     model.add_argument("--pretrained_vqvae_name_or_path", help="tokenizer folder, pipeline folder or repo id")
+    model.add_argument("--gradient_checkpointing", action="store_true", help="recompute encoder/decoder layers")
     losses = parser.add_argument_group("losses")
     losses.add_argument("--reconstruction_loss", choices=["l1", "l2"], default="l1")
     losses.add_argument("--vq_weight", type=float, default=1.0, help="weight of the VQ loss (β is in the config)")
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     learning_rate = args.learning_rate if args.no_scale_lr else scaled_learning_rate(args.learning_rate, global_batch)
 
     vqvae.train()
+    if args.gradient_checkpointing:
+        vqvae.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(
         vqvae.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=args.adam_weight_decay
     )

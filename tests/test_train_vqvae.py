@@ -182,7 +182,8 @@ def test_missing_weights_and_bad_settings_are_clear_errors(workspace, extra, mes
     assert not (workspace / "bad" / "diffusion_pytorch_model.safetensors").exists()
 
 
-def test_bf16_mixed_precision(workspace):
-    run(workspace, "bf16", "--max_train_steps", "2", "--train_batch_size", "4", "--mixed_precision", "bf16")
+def test_bf16_mixed_precision_with_gradient_checkpointing(workspace):
+    precision = ["--mixed_precision", "bf16", "--gradient_checkpointing"]
+    run(workspace, "bf16", "--max_train_steps", "2", "--train_batch_size", "4", *precision)
     trained = load_file(workspace / "bf16" / "diffusion_pytorch_model.safetensors")
     assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in trained.values())

@@ -124,3 +124,19 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(
         loaded.detokenize(vqvae.tokenize(tiny_images())), vqvae.detokenize(vqvae.tokenize(tiny_images()))
     )
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    images = tiny_images(2, 8)
+    grads = []
+    for checkpointing in (False, True):
+        vqvae = tiny_vqvae(mid_attention=True, lowest_level_attention=True).train()
+        if checkpointing:
+            vqvae.enable_gradient_checkpointing()
+        output = vqvae(images)
+        (output.sample.square().mean() + output.vq_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in vqvae.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert vqvae.encoder.gradient_checkpointing and vqvae.decoder.gradient_checkpointing

@@ -67,7 +67,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         ```
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True  # encoder and decoder layers; enable_gradient_checkpointing()
     _skip_layerwise_casting_patterns = ["quantizer"]
 
     @register_to_config
