@@ -75,3 +75,26 @@ def test_samples_are_not_copies_of_the_training_set(samples):
     to_test = np.median(evaluate.nearest_neighbour_distances(reference.test_grey, reference.train_grey))
     # copies would sit near 0; new handwriting sits about as far from the training set as real held-out digits
     assert to_samples > 0.5 * to_test, (to_samples, to_test)
+
+
+def test_the_recipe_commands_parse(tmp_path):
+    """run_recipe.py's commands stay valid as the training scripts' flags evolve (parsed, not run)."""
+    _recipe = importlib.util.spec_from_file_location("digits_recipe", DIGITS / "run_recipe.py")
+    recipe = importlib.util.module_from_spec(_recipe)
+    _recipe.loader.exec_module(recipe)
+    examples = DIGITS.parent
+    parsers = {}
+    for name in ("train_vqvae", "train_var"):
+        spec = importlib.util.spec_from_file_location(name, examples / f"{name}.py")
+        parsers[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(parsers[name])
+    steps = recipe.steps(tmp_path, threads=2)
+    assert [name for name, _, _ in steps] == [
+        "prepare data", "train tokenizer", "train transformer", "sample 50 per class", "evaluate"
+    ]  # fmt: skip
+    for _, _, command in steps:
+        script = Path(command[1]) if command[1].endswith(".py") else None
+        if script is not None:
+            assert script.is_file(), script
+        if script is not None and script.stem in parsers:
+            parsers[script.stem].parse_args(command[2:])  # exits (SystemExit) on an unknown or bad flag

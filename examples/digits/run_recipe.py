@@ -56,7 +56,8 @@ def steps(work: Path, threads: int) -> list[tuple[str, Path, list[str]]]:
         (
             "sample 50 per class",
             samples / "9_49.png",
-            ["diffusers-var", "generate", "--model", str(model), "--num-per-class", "50", "--seed", str(SEED)]
+            [*python, "-m", "diffusers_var.cli", "generate", "--model", str(model), "--num-per-class", "50"]
+            + ["--seed", str(SEED)]
             + ["--output-dir", str(samples)],
         ),
         (
