@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from diffusers_var import MultiScaleVQVAE, VARConfig, VARPipeline, VARScaleScheduler, VARTransformer
@@ -35,6 +34,7 @@ from diffusers_var.training.loop import (
     TrainingPlan,
     find_resume_checkpoint,
     make_accelerator,
+    make_lr_scheduler,
     tracker_config,
     training_batches,
 )
@@ -121,13 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     global_batch, max_steps = plan.global_batch, plan.max_steps
     learning_rate = args.learning_rate if args.no_scale_lr else scaled_learning_rate(args.learning_rate, global_batch)
     optimizer = make_optimizer(transformer, learning_rate, args.adam_weight_decay)
-    # the prepared scheduler steps once per process per optimiser step
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )
+    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator, plan)
     transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
     ema = ParameterEMA(accelerator.unwrap_model(transformer), args.ema_decay) if args.use_ema else None
     if ema is not None:

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from diffusers_var import MultiScaleVQVAE
@@ -41,6 +40,7 @@ from diffusers_var.training.loop import (
     TrainingPlan,
     find_resume_checkpoint,
     make_accelerator,
+    make_lr_scheduler,
     tracker_config,
     training_batches,
 )
@@ -161,12 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(
         vqvae.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=args.adam_weight_decay
     )
-    lr_scheduler = get_scheduler(  # the prepared scheduler steps once per process per optimiser step
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )
+    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator, plan)
     vqvae, optimizer, loader, lr_scheduler = accelerator.prepare(vqvae, optimizer, loader, lr_scheduler)
     discriminator = disc_optimizer = None
     if losses.discriminator is not None:
@@ -220,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                 disc_optimizer.step()
                 disc_optimizer.zero_grad()
                 logs["disc_loss"] = disc_loss.item()
-        usage.update(output.token_maps)
+        if args.restart_dead_codes_steps:  # the counts only decide restarts; the logged usage is per batch
+            usage.update(output.token_maps)
         if not accelerator.sync_gradients:
             continue
         global_step += 1

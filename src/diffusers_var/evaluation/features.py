@@ -29,6 +29,13 @@ def load_vision_backbone(path: str | Path) -> nn.Module:
     return AutoModel.from_pretrained(path).eval()
 
 
+def backbone_pixel_values(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Images in [-1, 1] → the ``pixel_values`` an ImageNet-normalised backbone takes, resized to its input size."""
+    pixels = F.interpolate((images.float() + 1) / 2, size=image_size, mode="bicubic", align_corners=False)
+    mean, std = pixels.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), pixels.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (pixels.clamp(0, 1) - mean) / std
+
+
 class BackboneFeatures(nn.Module):
     """CLS-token features (B, D) of images in [-1, 1], resized to the backbone's input size.
 
@@ -44,8 +51,6 @@ class BackboneFeatures(nn.Module):
         size = backbone.config.image_size
         self.image_size = int(size if isinstance(size, int) else size[0])
         self.backbone = backbone.requires_grad_(False).eval()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> BackboneFeatures:
@@ -53,6 +58,5 @@ class BackboneFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = F.interpolate((images.float() + 1) / 2, size=self.image_size, mode="bicubic", align_corners=False)
-        hidden = self.backbone(pixel_values=(pixels.clamp(0, 1) - self.mean) / self.std).last_hidden_state
+        hidden = self.backbone(pixel_values=backbone_pixel_values(images, self.image_size)).last_hidden_state
         return hidden[:, 0]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ..evaluation.features import IMAGENET_MEAN, IMAGENET_STD, load_vision_backbone
+from ..evaluation.features import backbone_pixel_values, load_vision_backbone
 
 
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -92,8 +92,6 @@ class DinoDiscriminator(nn.Module):
         self.image_size = int(config.image_size if isinstance(config.image_size, int) else config.image_size[0])
         self.backbone = backbone.requires_grad_(False).eval()
         self.heads = nn.ModuleList(_FeatureHead(config.hidden_size, hidden) for _ in self.layers)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, layers: tuple[int, ...] | None = None) -> DinoDiscriminator:
@@ -105,7 +103,6 @@ class DinoDiscriminator(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = F.interpolate((images + 1) / 2, size=self.image_size, mode="bilinear", align_corners=False)
-        hidden_states = self.backbone(pixel_values=(pixels - self.mean) / self.std, output_hidden_states=True)
-        hidden_states = hidden_states.hidden_states
+        pixel_values = backbone_pixel_values(images, self.image_size)
+        hidden_states = self.backbone(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         return torch.cat([head(hidden_states[layer]) for layer, head in zip(self.layers, self.heads)], dim=1)

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, skip_first_batches
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
 
 from .checkpoints import checkpoint_step, resolve_resume_path
 from .launch import cpu_only, spawn_cpu_processes
@@ -69,6 +70,17 @@ class TrainingPlan:
         steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / accumulation)
         max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
         return cls(global_batch, steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch), accumulation)
+
+
+def make_lr_scheduler(args: argparse.Namespace, optimizer, accelerator: Accelerator, plan: TrainingPlan):
+    """``--lr_scheduler`` with warm-up; counted per process, because the prepared scheduler steps once per process
+    per optimiser step."""
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=plan.max_steps * accelerator.num_processes,
+    )
 
 
 def find_resume_checkpoint(args: argparse.Namespace) -> tuple[Path | None, int]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..evaluation.features import BackboneFeatures
+from ..evaluation.fid import fid_from_features
 from ..models.vqvae import MultiScaleVQVAE, MultiScaleVQVAEOutput
 from .data import preprocess_image
 from .discriminators import DinoDiscriminator, PatchDiscriminator, hinge_discriminator_loss, hinge_generator_loss
@@ -106,10 +106,6 @@ def psnr(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / error.clamp_min(1e-10))
 
 
-def _gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
 @torch.no_grad()
 def reconstruction_report(
     vqvae: MultiScaleVQVAE,
@@ -148,8 +144,5 @@ def reconstruction_report(
     report = {"psnr": torch.cat(psnrs).mean().item(), "mse": torch.cat(squared).mean().item()}
     report.update({f"usage_scale_{i}": u.item() for i, u in enumerate(used.float().mean(dim=1))})
     if feature_model is not None and len(dataset) > 1:
-        from ..evaluation.fid import frechet_distance
-
-        real, fake = _gaussian(torch.cat(real_features).numpy()), _gaussian(torch.cat(fake_features).numpy())
-        report["rfid"] = float(frechet_distance(*real, *fake))
+        report["rfid"] = fid_from_features(torch.cat(real_features).numpy(), torch.cat(fake_features).numpy())
     return report
