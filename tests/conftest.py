@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,20 @@ def pipe() -> VARPipeline:
 def _seed_global_rng():
     """Every test starts from the same global RNG state, so results never depend on test order."""
     torch.manual_seed(0)
+
+
+def launcher_without_upload(script, uploaded) -> list[str]:
+    """A command prefix that runs a training script with the Hub intercepted: the folder it would upload is copied
+    to ``uploaded`` and nothing leaves the machine."""
+    wrapper = f"""
+import shutil, sys, runpy, huggingface_hub
+from huggingface_hub import RepoUrl
+huggingface_hub.HfApi.create_repo = lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{{repo_id}}")
+def upload_folder(self, repo_id, folder_path, **kw):
+    shutil.copytree(folder_path, {str(uploaded)!r})
+    return f"https://huggingface.co/{{repo_id}}/commit/0"
+huggingface_hub.HfApi.upload_folder = upload_folder
+sys.argv = sys.argv[1:]  # drop "-c": the script path comes first
+runpy.run_path({str(script)!r}, run_name="__main__")
+"""
+    return [sys.executable, "-c", wrapper]

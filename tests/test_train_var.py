@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_pipeline
+from conftest import launcher_without_upload, tiny_pipeline
 from safetensors.torch import load_file
 from test_training_data import make_imagefolder
 
@@ -201,18 +201,7 @@ def test_bad_data_stops_before_step_one(workspace, extra, message):
 
 def test_push_to_hub_sends_the_pipeline_and_card(workspace, tmp_path):
     uploaded = tmp_path / "uploaded"
-    wrapper = f"""
-import shutil, sys, runpy, huggingface_hub
-from huggingface_hub import RepoUrl
-huggingface_hub.HfApi.create_repo = lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{{repo_id}}")
-def upload_folder(self, repo_id, folder_path, **kw):
-    shutil.copytree(folder_path, {str(uploaded)!r})
-    return f"https://huggingface.co/{{repo_id}}/commit/0"
-huggingface_hub.HfApi.upload_folder = upload_folder
-sys.argv = sys.argv[1:]  # drop "-c": the script path comes first
-runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
-"""
-    launcher = [sys.executable, "-c", wrapper]
+    launcher = launcher_without_upload(SCRIPT, uploaded)
     run(
         workspace,
         "pushed",

@@ -205,3 +205,17 @@ def test_two_processes_equal_one_with_dead_code_restarts(workspace):
             weights[name] = torch.cat([weights[name].chunk(3)[0], weights[name].chunk(3)[2]])
     worst = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
     assert worst <= 1e-4, f"2 processes differ from 1 by {worst:.2e}"
+
+
+def test_push_to_hub_sends_the_tokenizer_and_card(workspace, tmp_path):
+    from conftest import launcher_without_upload
+
+    uploaded = tmp_path / "uploaded"
+    pushed = ["--push_to_hub", "--hub_model_id", "me/tiny-vqvae", "--validation_split_percentage", "10"]
+    run(workspace, "pushed", "--max_train_steps", "1", "--train_batch_size", "4", *pushed,
+        launcher=launcher_without_upload(SCRIPT, uploaded))  # fmt: skip
+    files = sorted(p.name for p in uploaded.rglob("*") if p.is_file())
+    assert files == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
+    card = (uploaded / "README.md").read_text()
+    assert "me/tiny-vqvae" in card and "psnr" in card and "library_name: diffusers" in card
+    assert MultiScaleVQVAE.from_pretrained(uploaded).config.vocab_size == 32
