@@ -278,3 +278,17 @@ def test_saved_files_get_normal_permissions(tmp_path):
         os.umask(umask)
     for path in [*(tmp_path / "pipe").rglob("*"), *(tmp_path / "run").rglob("*")]:
         assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_load_vqvae_from_a_pipeline_repo_id_or_a_tokenizer_folder_offline(tmp_path, hf_home):
+    from diffusers_var.hub import load_vqvae
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "saved")
+    make_hf_cache(hf_home / "hub", "org/pipe", tmp_path / "saved")
+    from_repo = load_vqvae("org/pipe", cache_dir=hf_home / "hub")  # a pipeline repo: its vqvae/
+    from_folder = load_vqvae(tmp_path / "saved" / "vqvae")
+    for vqvae in (from_repo, from_folder):
+        assert torch.equal(vqvae.quantizer.embedding.weight, pipe.vqvae.quantizer.embedding.weight)
+    with pytest.raises(ValueError, match="neither a MultiScaleVQVAE"):
+        load_vqvae(tmp_path / "saved" / "scheduler")
