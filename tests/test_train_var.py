@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -233,3 +234,29 @@ def test_bf16_mixed_precision(workspace):
     trained, start = weights(workspace / "bf16"), weights(workspace / "pipe")
     assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in trained.values())
     assert max_relative_difference(trained, start) > 1e-4
+
+
+def emulate_kill_after(workspace, straight: str, killed: str, step: int) -> None:
+    """The state a run killed after checkpoint ``step`` leaves behind: that checkpoint (and earlier ones), no later
+    checkpoint and no final pipeline. Made from a straight run with the same flags, so nothing else differs."""
+    source, target = workspace / straight, workspace / killed
+    target.mkdir()
+    for checkpoint in source.glob("checkpoint-*"):
+        if int(checkpoint.name.split("-")[1]) <= step:
+            shutil.copytree(checkpoint, target / checkpoint.name)
+
+
+def test_resume_at_an_epoch_boundary_with_accumulation_and_ema_is_exact(workspace):
+    # 12 images, batch 2, accumulation 2: 3 optimiser steps per epoch, so checkpoint-3 ends epoch 0
+    common = [
+        "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
+        "--random_flip", "--use_ema", "--ema_decay", "0.9", "--class_dropout_prob", "0.3", "--lr_scheduler", "cosine",
+        "--max_train_steps", "5",
+    ]  # fmt: skip
+    run(workspace, "boundary-straight", *common)
+    emulate_kill_after(workspace, "boundary-straight", "boundary-killed", 3)
+    run(workspace, "boundary-killed", *common, "--resume_from_checkpoint", "latest")
+    difference = max_relative_difference(
+        weights(workspace / "boundary-killed"), weights(workspace / "boundary-straight")
+    )
+    assert difference <= 1e-6, f"resumed run differs by {difference:.2e}"

@@ -103,10 +103,11 @@ def training_batches(
 ) -> Iterator[dict]:
     """Every batch of the run from ``global_step`` on, epoch after epoch; the caller stops at ``plan.max_steps``.
 
-    ``dataset.set_epoch`` and the sampler's epoch are set before each epoch, the batches a resumed run has already
-    seen are skipped, and the checkpoint is loaded after the first batch of the resumed epoch is fetched: starting
-    the loader draws from the global RNG, which the uninterrupted run did before the checkpoint's RNG state was
-    taken.
+    ``dataset.set_epoch`` and the sampler's epoch are set before each epoch, and the batches a resumed run has
+    already seen are skipped. Starting an epoch's loader draws from the global RNG (its base seed), so the
+    checkpoint is restored where the uninterrupted run took it relative to that draw: mid-epoch, the uninterrupted
+    run had started the epoch before it saved, so the resumed run starts it (fetching the first batch) and then
+    restores; at an epoch boundary the next epoch starts after the save, so the state is restored first.
     """
     if resume is not None and global_step >= plan.max_steps:  # nothing left to train: restore the final state
         accelerator.load_state(str(resume))
@@ -114,10 +115,14 @@ def training_batches(
     accumulation = plan.gradient_accumulation_steps
     first_epoch, skip = divmod(global_step * accumulation, plan.steps_per_epoch * accumulation)
     for epoch in range(first_epoch, plan.num_epochs):
+        resuming = resume is not None and epoch == first_epoch
+        if resuming and not skip:
+            accelerator.load_state(str(resume))
+            logger.info(f"Resumed from {resume} at step {global_step} (the start of epoch {epoch})")
         dataset.set_epoch(epoch)
         loader.set_epoch(epoch)
-        batches = iter(skip_first_batches(loader, skip) if epoch == first_epoch and skip else loader)
-        if resume is not None and epoch == first_epoch:
+        batches = iter(skip_first_batches(loader, skip) if resuming and skip else loader)
+        if resuming and skip:
             batches = itertools.chain([next(batches)], batches)
             accelerator.load_state(str(resume))
             logger.info(f"Resumed from {resume} at step {global_step}")
