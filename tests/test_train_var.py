@@ -247,15 +247,21 @@ def emulate_kill_after(workspace, straight: str, killed: str, step: int) -> None
 
 
 def test_resume_at_an_epoch_boundary_with_accumulation_and_ema_is_exact(workspace):
-    # 12 images, batch 2, accumulation 2: 3 optimiser steps per epoch, so checkpoint-3 ends epoch 0
+    # 12 images, batch 2, accumulation 2: 3 optimiser steps per epoch, so checkpoints 3 and 6 end epochs 0 and 1.
+    # The run is killed after checkpoint-6, which is then damaged: `latest` must step back to checkpoint-3.
     common = [
         "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
         "--random_flip", "--use_ema", "--ema_decay", "0.9", "--class_dropout_prob", "0.3", "--lr_scheduler", "cosine",
-        "--max_train_steps", "5",
+        "--max_train_steps", "7",
     ]  # fmt: skip
     run(workspace, "boundary-straight", *common)
-    emulate_kill_after(workspace, "boundary-straight", "boundary-killed", 3)
-    run(workspace, "boundary-killed", *common, "--resume_from_checkpoint", "latest")
+    emulate_kill_after(workspace, "boundary-straight", "boundary-killed", 6)
+    damaged = workspace / "boundary-killed" / "checkpoint-6" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-64])
+
+    result = run(workspace, "boundary-killed", *common, "--resume_from_checkpoint", "latest")
+    assert "Skipping damaged checkpoint" in result.stderr and "checkpoint-6" in result.stderr
+    assert "Resumed from" in result.stderr and "checkpoint-3" in result.stderr
     difference = max_relative_difference(
         weights(workspace / "boundary-killed"), weights(workspace / "boundary-straight")
     )

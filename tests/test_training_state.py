@@ -7,7 +7,13 @@ import torch
 from accelerate import Accelerator
 from conftest import tiny_transformer
 
-from diffusers_var.training.checkpoints import list_checkpoints, resolve_resume_path, save_checkpoint
+from diffusers_var.training.checkpoints import (
+    MANIFEST,
+    checkpoint_problem,
+    list_checkpoints,
+    resolve_resume_path,
+    save_checkpoint,
+)
 from diffusers_var.training.ema import ParameterEMA
 
 
@@ -45,6 +51,43 @@ def test_checkpoints_are_atomic_rotated_and_resolved(tmp_path):
     before = model.weight.detach().clone()
     accelerator.load_state(str(tmp_path / "checkpoint-6"))
     assert not torch.equal(model.weight, before)
+
+
+def test_latest_skips_damaged_checkpoints_and_names_them(tmp_path, caplog):
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))
+    for step in (2, 4, 6):
+        save_checkpoint(accelerator, tmp_path, step)
+    (tmp_path / ".checkpoint-8.tmp").mkdir()  # left by a killed save: removed by the next one
+    save_checkpoint(accelerator, tmp_path, 10)
+    assert not (tmp_path / ".checkpoint-8.tmp").exists()
+    assert all((p / MANIFEST).is_file() for p in list_checkpoints(tmp_path))
+
+    weights = tmp_path / "checkpoint-10" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated
+    (tmp_path / "checkpoint-6" / "optimizer.bin").unlink()  # missing
+    random_state = next((tmp_path / "checkpoint-4").glob("random_states_*.pkl"))
+    data = bytearray(random_state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, altered
+    random_state.write_bytes(bytes(data))
+
+    assert "model.safetensors has" in checkpoint_problem(tmp_path / "checkpoint-10")
+    assert checkpoint_problem(tmp_path / "checkpoint-6") == "optimizer.bin is missing"
+    assert "SHA-256 differs" in checkpoint_problem(tmp_path / "checkpoint-4")
+    with caplog.at_level("WARNING"):
+        assert resolve_resume_path(tmp_path, "latest").name == "checkpoint-2"
+    skipped = [r.getMessage() for r in caplog.records if "Skipping damaged checkpoint" in r.getMessage()]
+    assert [m.split(":")[0].rsplit("/", 1)[-1] for m in skipped] == ["checkpoint-10", "checkpoint-6", "checkpoint-4"]
+
+    with pytest.raises(ValueError, match="checkpoint-10 is damaged: model.safetensors has"):
+        resolve_resume_path(tmp_path, str(tmp_path / "checkpoint-10"))
+    (tmp_path / "checkpoint-2" / MANIFEST).unlink()  # a checkpoint from before manifests: its files are read
+    assert checkpoint_problem(tmp_path / "checkpoint-2") is None
+    legacy = tmp_path / "checkpoint-2" / "model.safetensors"
+    legacy.write_bytes(legacy.read_bytes()[:-10])
+    assert "model.safetensors cannot be read" in checkpoint_problem(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match="Every checkpoint in .* is damaged"):
+        resolve_resume_path(tmp_path, "latest")
 
 
 def test_requested_cpu_processes_are_read_from_the_accelerate_command_line():
