@@ -28,7 +28,13 @@ from diffusers_var import MultiScaleVQVAE, VARConfig, VARPipeline, VARScaleSched
 from diffusers_var.hub import load_vqvae, make_model_card, save_pretrained_into
 from diffusers_var.training.arguments import add_data_arguments, add_logging_arguments, add_training_arguments
 from diffusers_var.training.checkpoints import save_checkpoint
-from diffusers_var.training.data import ImageClassDataset, check_dataset, load_image_dataset
+from diffusers_var.training.data import (
+    ImageClassDataset,
+    check_dataset,
+    dataset_class_names,
+    id2label_for_data,
+    load_image_dataset,
+)
 from diffusers_var.training.ema import ParameterEMA
 from diffusers_var.training.loop import (
     TrainingPlan,
@@ -101,8 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         args.train_data_dir, args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir
     )
     check_dataset(dataset, args.image_column, args.label_column, transformer.config.num_classes)
-    if id2label is None and hasattr(dataset.features.get(args.label_column), "names"):
-        id2label = dict(enumerate(dataset.features[args.label_column].names))
+    # the data's class names (an image folder's sub-folders) say what each trained id means now
+    class_names = dataset_class_names(dataset, args.label_column)
+    new_id2label = id2label_for_data(id2label, class_names)
+    if id2label and new_id2label != id2label:
+        renamed = [f"{i}: {id2label.get(i)!r} → {name!r}" for i, name in enumerate(class_names)]
+        logger.info(f"Class names follow the data: {', '.join(renamed[:5])}{' …' if len(renamed) > 5 else ''}")
+    id2label = new_id2label
     resolution = args.resolution or vqvae.image_size
     if resolution != vqvae.image_size:
         raise ValueError(f"--resolution {resolution} does not match the tokenizer's {vqvae.image_size} px.")

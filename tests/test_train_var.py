@@ -89,6 +89,9 @@ def test_finetune_writes_a_pipeline_checkpoints_and_logs(workspace):
     assert (out / "checkpoint-2").is_dir() and "base model" in (out / "README.md").read_text()
     assert max_relative_difference(weights(out), weights(workspace / "pipe")) > 1e-4, "training changed nothing"
     assert pipe(class_labels=[0], output_type="pt").images.shape == (1, 3, 8, 8)
+    # the data's classes (folders a, b, c) rename ids 0-2; the base model's other classes keep their names
+    assert pipe.config.id2label == {0: "a", 1: "b", 2: "c", **{i: f"digit {i}, number {i}" for i in range(3, 10)}}
+    assert pipe.get_label_ids(["b", "digit 5"]) == [1, 5] and "digit 1" not in pipe.labels
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

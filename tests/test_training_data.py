@@ -10,6 +10,8 @@ import torch
 from diffusers_var.training.data import (
     ImageClassDataset,
     check_dataset,
+    dataset_class_names,
+    id2label_for_data,
     load_image_dataset,
     preprocess_image,
     sample_generator,
@@ -68,3 +70,12 @@ def test_torch_dataset_items(tmp_path):
     first = items[4]
     assert first["pixel_values"].shape == (3, 8, 8) and first["class_labels"].item() == 1
     assert torch.equal(items[4]["pixel_values"], first["pixel_values"])
+
+
+def test_class_names_come_from_the_data(tmp_path):
+    dataset = load_image_dataset(train_data_dir=str(make_imagefolder(tmp_path / "data")))
+    names = dataset_class_names(dataset, "label")
+    assert names == ["cat", "dog"] and dataset_class_names(dataset, None) is None
+    assert id2label_for_data({0: "zero", 1: "one", 2: "two"}, names) == {0: "cat", 1: "dog", 2: "two"}
+    assert id2label_for_data(None, names) == {0: "cat", 1: "dog"}
+    assert id2label_for_data({0: "zero"}, None) == {0: "zero"}  # integer labels without names: nothing to learn

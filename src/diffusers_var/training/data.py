@@ -65,6 +65,29 @@ def check_dataset(dataset, image_column: str, label_column: str | None, num_clas
             raise ValueError(f"Unreadable image {source} (row {row}): {error}. Remove or replace it.") from error
 
 
+def dataset_class_names(dataset, label_column: str | None) -> list[str] | None:
+    """The class names of a labelled dataset (an image folder's sub-folders, a ``ClassLabel`` column), else None."""
+    feature = dataset.features.get(label_column) if label_column is not None else None
+    names = getattr(feature, "names", None)
+    return list(names) if names else None
+
+
+def id2label_for_data(id2label: dict[int, str] | None, class_names: list[str] | None) -> dict[int, str] | None:
+    """The labels of a model trained on data with ``class_names``: the data names ids 0 … n − 1, and ids the data
+    does not cover keep the names they had (a fine-tuned model still draws them as before).
+
+    Example::
+
+        >>> id2label_for_data({0: "zero", 1: "one", 2: "two"}, ["cat", "dog"])
+        {0: 'cat', 1: 'dog', 2: 'two'}
+    """
+    if class_names is None:
+        return id2label
+    merged = {int(k): v for k, v in (id2label or {}).items()}
+    merged.update(enumerate(class_names))
+    return dict(sorted(merged.items()))
+
+
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
 
