@@ -38,14 +38,14 @@ def _assert_no_output(tmp_path):
 
 def test_missing_key_is_named(tmp_path):
     path = _edited_var(tmp_path, lambda s: s.pop("head.weight"))
-    with pytest.raises(ValueError, match=r"missing \(1\): \['head.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing \(1\): head.weight\. Check"):
         _convert(tmp_path, var=path)
     _assert_no_output(tmp_path)
 
 
 def test_unexpected_key_is_named(tmp_path):
     path = _edited_var(tmp_path, lambda s: s.update({"extra.weight": torch.zeros(1)}))
-    with pytest.raises(ValueError, match=r"unexpected \(1\): \['extra.weight'\]"):
+    with pytest.raises(ValueError, match=r"unexpected \(1\): extra.weight\. Check"):
         _convert(tmp_path, var=path)
     _assert_no_output(tmp_path)
 
@@ -115,6 +115,65 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
         )
     assert exit_info.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_output_folder_with_user_files_is_refused_and_overwrite_keeps_them(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.tex").write_text("precious")
+    monkeypatch.chdir(work)
+    args = ["convert", "--official-config", str(FIXTURE / "config.json"), "--vae", str(FIXTURE / "vae.pth")]
+    args += ["--var", str(FIXTURE / "var.pth"), "--output", "."]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds files that are not a VARPipeline save: thesis.tex" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in work.iterdir()) == ["thesis.tex"]
+
+    cli_main([*args, "--overwrite"])
+    assert (work / "thesis.tex").read_text() == "precious" and (work / "model_index.json").is_file()
+    assert not [p for p in work.iterdir() if p.name.startswith(".")], "staging folder left behind"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        convert(FIXTURE / "vae.pth", FIXTURE / "var.pth", tmp_path / "a-file", official_config=FIXTURE / "config.json")
+
+
+def test_swapped_checkpoints_are_named_in_one_short_line(tmp_path, capsys):
+    args = ["convert", "--official-config", str(FIXTURE / "config.json"), "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*args, "--vae", str(FIXTURE / "var.pth"), "--var", str(FIXTURE / "vae.pth")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Did you swap --vae and --var?" in err
+    assert len(err) < 400 and len(err.strip().splitlines()) == 1
+    _assert_no_output(tmp_path)
+
+
+def test_many_bad_keys_are_listed_briefly(tmp_path):
+    path = _edited_var(tmp_path, lambda s: [s.pop(k) for k in [k for k in s if k.startswith("blocks.")]])
+    with pytest.raises(ValueError, match=r"missing \((\d+)\): blocks\.0\..*, … \(\d+ more\)") as error:
+        _convert(tmp_path, var=path)
+    assert len(str(error.value)) < 600
+
+
+def test_a_pickle_with_code_is_refused_for_that_reason(tmp_path):
+    path = tmp_path / "code.pth"
+    torch.save({"weight": torch.zeros(1), "hook": print}, path)  # pickles a callable: weights_only refuses it
+    with pytest.raises(ValueError, match=r"besides tensors it holds Python objects \(.*print\).*weights_only=True"):
+        load_checkpoint(path)
+
+
+def test_python_m_convert_prints_one_line_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "diffusers_var.convert", "--preset", "var-d16", "--vae", str(tmp_path / "x.pth")]
+    result = subprocess.run(
+        [*command, "--var", "y.pth", "--output", str(tmp_path / "o")], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: Checkpoint '{tmp_path / 'x.pth'}' does not exist."]
 
 
 def test_official_config_errors(tmp_path):

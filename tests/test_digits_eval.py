@@ -82,6 +82,14 @@ def test_interrupted_or_refused_writes_leave_nothing(tmp_path, monkeypatch, data
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
         prepare_data.write_digits_imagefolder(data_dir)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not a digits folder written by this script"):
+        prepare_data.write_digits_imagefolder(mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "precious"
+    (mine / "notes.txt").unlink()
+    mine.rmdir()
     with pytest.raises(ValueError, match="resolution must be an integer ≥ 8.*got 4"):
         prepare_data.write_digits_imagefolder(tmp_path / "small", resolution=4)
     with pytest.raises(ValueError, match="test_fraction .* got 1.0"):
@@ -159,3 +167,11 @@ def test_command_line_prints_the_report(data_dir, reference, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--samples_dir", str(tmp_path / "nothing"), "--data_dir", str(data_dir)])
     assert exit_info.value.code == 2 and "No <class id>_<index>.png samples" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_an_earlier_digits_folder(tmp_path):
+    first = prepare_data.write_digits_imagefolder(tmp_path / "digits", resolution=8, seed=0)
+    second = prepare_data.write_digits_imagefolder(tmp_path / "digits", resolution=8, seed=1, overwrite=True)
+    assert first["train_indices"] != second["train_indices"]
+    assert json.loads((tmp_path / "digits" / "digits_info.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]

@@ -157,18 +157,25 @@ def test_failed_save_keeps_the_old_folder(tmp_path, monkeypatch):
     assert {name: (parent / "pipe" / name).read_bytes() for name in files_under(parent / "pipe")} == before
 
 
-def test_save_over_existing_folder_replaces_it(tmp_path):
-    parent = tmp_path / "out"
-    target = parent / "pipe"
+def test_save_over_an_earlier_save_replaces_only_its_files(tmp_path):
+    target = tmp_path / "pipe"
     tiny_pipeline().save_pretrained(target)
-    (target / "stale.txt").write_text("from an older save")
+    # a cloned Hub repo: a card, git attributes and history beside the save, and stale weights of an older format
+    (target / "README.md").write_text("my card")
+    (target / ".gitattributes").write_text("*.safetensors filter=lfs")
+    (target / ".git").mkdir()
+    (target / ".git" / "HEAD").write_text("ref: refs/heads/main")
     (target / "transformer" / "pytorch_model.bin").write_bytes(b"old weights")
+    os.chmod(target, 0o750)
 
     new = tiny_pipeline(seed=1, id2label={0: "zero"})
     new.save_pretrained(target)
 
-    assert os.listdir(parent) == ["pipe"]
+    assert os.listdir(tmp_path) == ["pipe"]
     assert files_under(target) == [
+        ".git/HEAD",
+        ".gitattributes",
+        "README.md",
         "model_index.json",
         "scheduler/scheduler_config.json",
         "transformer/config.json",
@@ -176,13 +183,128 @@ def test_save_over_existing_folder_replaces_it(tmp_path):
         "vqvae/config.json",
         "vqvae/diffusion_pytorch_model.safetensors",
     ]
-    mode = stat.S_IMODE(target.stat().st_mode)
-    umask = os.umask(0)
-    os.umask(umask)
-    assert mode == 0o777 & ~umask  # not mkdtemp's private 0o700
+    assert (target / "README.md").read_text() == "my card"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750  # the user's folder itself is left as it was
     reloaded = VARPipeline.from_pretrained(target)
     assert reloaded.config.id2label == {0: "zero"}
     assert torch.equal(reloaded.transformer.head.weight, new.transformer.head.weight)
+
+
+def test_a_new_folder_gets_normal_permissions(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    mode = stat.S_IMODE((tmp_path / "pipe").stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask  # not mkdtemp's private 0o700
+
+
+def user_files(folder: Path) -> dict[str, bytes]:
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    (folder / "vqvae").mkdir(exist_ok=True)
+    files = {"notes.txt": b"my notes", "data/x.csv": b"1,2", "vqvae/notes.md": b"about the tokenizer"}
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return files
+
+
+def test_save_refuses_a_folder_with_user_files_and_overwrite_keeps_them(tmp_path):
+    target = tmp_path / "mine"
+    files = user_files(target)
+    pipe = tiny_pipeline()
+
+    with pytest.raises(ValueError, match=r"mine already holds files that are not a VARPipeline save: data/, notes.txt, "
+                       r"vqvae/\. .*overwrite=True"):  # fmt: skip
+        pipe.save_pretrained(target)
+    assert files_under(target) == sorted(files)  # nothing written, nothing left behind
+
+    pipe.save_pretrained(target, overwrite=True)
+    for name, content in files.items():
+        assert (target / name).read_bytes() == content, name
+    assert (target / "model_index.json").is_file() and not [p for p in target.iterdir() if p.name.startswith(".")]
+    assert torch.equal(VARPipeline.from_pretrained(target).transformer.head.weight, pipe.transformer.head.weight)
+    # and again: still an earlier save beside the user's files, so overwrite is still needed and still keeps them
+    with pytest.raises(ValueError, match="not a VARPipeline save: data/, notes.txt, vqvae/notes.md"):
+        pipe.save_pretrained(target)
+    pipe.save_pretrained(target, overwrite=True)
+    assert all((target / name).read_bytes() == content for name, content in files.items())
+
+
+def test_save_refuses_a_file_and_someone_elses_pipeline(tmp_path):
+    (tmp_path / "file").write_text("precious")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        tiny_pipeline().save_pretrained(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "precious"
+
+    other = tmp_path / "other"  # a diffusers pipeline of another library: not ours to replace
+    (other / "unet").mkdir(parents=True)
+    (other / "unet" / "config.json").write_text("{}")
+    (other / "model_index.json").write_text('{"_class_name": "X", "unet": ["diffusers", "UNet2DModel"]}')
+    with pytest.raises(ValueError, match="model_index.json, unet/"):
+        tiny_pipeline().save_pretrained(other)
+
+
+def test_variant_saves_keep_other_weights_and_a_plain_save_replaces_them(tmp_path):
+    target = tmp_path / "pipe"
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(target)
+    pipe.save_pretrained(target, variant="ema")
+    names = files_under(target)
+    assert "transformer/model.safetensors" in names and "transformer/model.ema.safetensors" in names
+    assert "vqvae/diffusion_pytorch_model.safetensors" in names
+    assert "vqvae/diffusion_pytorch_model.ema.safetensors" in names
+    pipe.save_pretrained(target)  # as diffusers does: a save without a variant replaces every weight file
+    assert not [n for n in files_under(target) if ".ema." in n]
+
+
+def test_staging_folders_of_killed_saves_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    parent = tmp_path / "out"
+    parent.mkdir()
+    # a save killed mid-write: its process ended, so its marker is no longer locked
+    killed = (
+        "import os, sys; from pathlib import Path; from diffusers_var.saving import staging_folder\n"
+        f"with staging_folder(Path({str(parent)!r}), '.pipe.tmp-') as s:\n"
+        "    (s / 'vqvae').mkdir(); (s / 'vqvae' / 'config.json').write_text('{}'); os._exit(9)"
+    )
+    assert subprocess.run([sys.executable, "-c", killed]).returncode == 9
+    [stale] = parent.glob(".pipe.tmp-*")
+    legacy = parent / ".pipe.tmp-legacy"  # from before markers: only save files inside
+    (legacy / "vqvae").mkdir(parents=True)
+    (legacy / "vqvae" / "config.json").write_text("{}")
+    not_ours = parent / ".pipe.tmp-mine"  # named like ours, but holding a user file: kept
+    not_ours.mkdir()
+    (not_ours / "thesis.tex").write_text("...")
+
+    from diffusers_var.saving import staging_folder
+
+    with staging_folder(parent, ".pipe.tmp-") as live:  # a save still running: kept
+        tiny_pipeline().save_pretrained(parent / "pipe")
+        assert live.is_dir()
+    assert not stale.exists() and not legacy.exists()
+    assert (not_ours / "thesis.tex").is_file()
+    assert sorted(p.name for p in parent.iterdir()) == [".pipe.tmp-mine", "pipe"]
+
+
+def test_training_folder_keeps_checkpoints_logs_and_a_foreign_readme(tmp_path, caplog):
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "model.safetensors").write_bytes(b"checkpoint")
+    (run / "logs").mkdir()
+    (run / "README.md").write_text("the user's own notes")
+    pipe = tiny_pipeline()
+    save_pretrained_into(pipe, run, make_model_card(pipe))
+    save_pretrained_into(pipe, run, make_model_card(pipe))  # a resumed run saves again
+    assert (run / "checkpoint-2" / "model.safetensors").read_bytes() == b"checkpoint" and (run / "logs").is_dir()
+    assert (run / "README.md").read_text() == "the user's own notes"
+    assert "Not writing the model card" in caplog.text
+    assert VARPipeline.from_pretrained(run).transformer.config.depth == 2
+
+    fresh = tmp_path / "fresh"
+    save_pretrained_into(pipe, fresh, make_model_card(pipe))
+    save_pretrained_into(pipe, fresh, make_model_card(pipe, card_data={"model_name": "second"}))
+    assert "second" in (fresh / "README.md").read_text()  # our own card is ours to update
 
 
 def test_save_pretrained_refuses_push_to_hub(tmp_path):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
 from conftest import TINY_PATCH_NUMS, tiny_images, tiny_pipeline, tiny_transformer
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
-from diffusers_var import VARConfig, VARPipeline, VARScaleScheduler, VARTransformer
+from diffusers_var import MultiScaleVQVAE, VARConfig, VARPipeline, VARScaleScheduler, VARTransformer
 
 LABELS = [1, 3]
 
@@ -242,12 +244,120 @@ def test_loading_transformer_with_other_patch_nums_names_them(saved):
 
 
 def test_editing_only_the_config_patch_nums_fails_on_weight_shapes(saved):
-    """Without matching weights, transformers refuses the position embedding before the pipeline can check."""
+    """Without matching weights, the position embedding is refused before the pipeline can check."""
     _, folder = saved
-    config_file = folder / "transformer" / "config.json"
-    config = json.loads(config_file.read_text())
-    config["patch_nums"] = [1, 2, 3]
-    config_file.write_text(json.dumps(config))
-
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+    edit_config(folder / "transformer", patch_nums=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"mis-shaped \(1\): position_embedding: file \(1, 21, 32\) vs config"):
         VARPipeline.from_pretrained(folder)
+
+
+# -- 10. damaged folders never load --------------------------------------------------------------------------------
+
+
+def edit_config(folder, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def drop_tensor(path, name: str) -> None:
+    state = load_file(path)
+    del state[name]
+    save_file(state, path, metadata={"format": "pt"})
+
+
+TRANSFORMER_FILE, VQVAE_FILE = "transformer/model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"
+
+
+def truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+DAMAGES = {  # what is done to a saved folder → what the error must say
+    "transformer-tensor-removed": (
+        lambda f: drop_tensor(f / TRANSFORMER_FILE, "head.weight"),
+        r"model.safetensors do not fit .*missing \(1\): head.weight",
+    ),
+    "vqvae-tensor-removed": (
+        lambda f: drop_tensor(f / VQVAE_FILE, "decoder.conv_out.weight"),
+        r"missing \(1\): decoder.conv_out.weight",
+    ),
+    "depth-3-over-2-blocks": (
+        lambda f: edit_config(f / "transformer", depth=3),
+        r"transformer/config.json: missing \(12\): blocks.2.adaln",
+    ),
+    "depth-1-over-2-blocks": (
+        lambda f: edit_config(f / "transformer", depth=1),
+        r"unexpected \(12\): blocks.1.adaln.bias, .* \(7 more\)",
+    ),
+    "vocab-size-edited": (
+        lambda f: edit_config(f / "vqvae", vocab_size=64),
+        r"mis-shaped \(1\): quantizer.embedding.weight: file \(32, 8\)",
+    ),
+    "transformer-truncated": (lambda f: truncate(f / TRANSFORMER_FILE), r"model.safetensors is damaged or truncated"),
+    "vqvae-random-bytes": (
+        lambda f: (f / VQVAE_FILE).write_bytes(os.urandom(4096)),
+        r"diffusion_pytorch_model.safetensors is damaged or truncated",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_folder_fails_to_load_naming_the_file_and_keys(saved, damage):
+    _, folder = saved
+    apply, message = DAMAGES[damage]
+    apply(folder)
+    with pytest.raises(ValueError, match=message) as error:
+        VARPipeline.from_pretrained(folder)
+    assert str(folder) in str(error.value) and len(str(error.value)) < 800
+
+
+def test_component_classes_are_strict_too_and_keep_the_opt_ins(saved):
+    _, folder = saved
+    drop_tensor(folder / TRANSFORMER_FILE, "head.weight")
+    drop_tensor(folder / VQVAE_FILE, "decoder.conv_out.weight")
+    with pytest.raises(ValueError, match="missing \\(1\\): head.weight"):
+        VARTransformer.from_pretrained(folder / "transformer")
+    with pytest.raises(ValueError, match="missing \\(1\\): head.weight"):
+        AutoModel.from_pretrained(folder / "transformer")
+    with pytest.raises(ValueError, match="missing \\(1\\): decoder.conv_out.weight"):
+        MultiScaleVQVAE.from_pretrained(folder / "vqvae")
+    with pytest.raises(ValueError, match="missing \\(1\\): head.weight"):
+        VARTransformer.from_pretrained(folder, subfolder="transformer")
+
+    # the libraries' explicit opt-in: the report instead of an error
+    _, info = VARTransformer.from_pretrained(folder / "transformer", output_loading_info=True)
+    assert set(info["missing_keys"]) == {"head.weight"}
+    _, info = MultiScaleVQVAE.from_pretrained(folder / "vqvae", output_loading_info=True)
+    assert list(info["missing_keys"]) == ["decoder.conv_out.weight"]
+
+
+def test_ignore_mismatched_sizes_loads_what_fits(saved):
+    pipe, folder = saved
+    edit_config(folder / "transformer", num_classes=5)  # class embedding (11, C) in the file, (6, C) in the config
+    with pytest.raises(ValueError, match="class_embedding.weight: file \\(11, 32\\) vs config \\(6, 32\\)"):
+        VARTransformer.from_pretrained(folder / "transformer")
+    model, info = VARTransformer.from_pretrained(
+        folder / "transformer", ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    assert [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]] == ["class_embedding.weight"]
+    assert model.class_embedding.weight.shape == (6, 32)
+    assert torch.equal(model.head.weight, pipe.transformer.head.weight)
+    model = VARTransformer.from_pretrained(folder / "transformer", ignore_mismatched_sizes=True)
+    assert torch.equal(model.head.weight, pipe.transformer.head.weight)
+
+    edit_config(folder / "vqvae", vocab_size=64)
+    vqvae = MultiScaleVQVAE.from_pretrained(folder / "vqvae", ignore_mismatched_sizes=True, low_cpu_mem_usage=False)
+    assert vqvae.quantizer.embedding.weight.shape == (64, 8)
+    assert torch.equal(vqvae.decoder.conv_out.weight, pipe.vqvae.decoder.conv_out.weight)
+
+
+def test_a_damaged_repo_in_the_hf_cache_names_the_cached_file(saved, tmp_path):
+    _, folder = saved
+    drop_tensor(folder / TRANSFORMER_FILE, "head.weight")
+    repo = tmp_path / "hub" / "models--org--broken"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+    with pytest.raises(ValueError, match="snapshots/0+/transformer/model.safetensors do not fit"):
+        VARPipeline.from_pretrained("org/broken", cache_dir=tmp_path / "hub")

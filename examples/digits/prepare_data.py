@@ -100,7 +100,9 @@ def write_digits_imagefolder(
 ) -> dict:
     """Write the split as ``<output_dir>/{train,test}/<class>/<index>.png``; returns what digits_info.json records.
 
-    An existing ``output_dir`` is refused unless ``overwrite``, so a typo cannot replace an unrelated folder.
+    An existing ``output_dir`` is refused unless ``overwrite``, and even then only a folder this function wrote
+    (its ``digits_info.json``, ``train/`` and ``test/`` and nothing else) is replaced, so a typo cannot delete an
+    unrelated folder.
 
     Example::
 
@@ -111,6 +113,14 @@ def write_digits_imagefolder(
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise ValueError(f"{output_dir} already exists; pass overwrite=True (--overwrite) or choose another folder.")
+    if output_dir.exists():
+        ours = {INFO_FILE, "train", "test"}
+        entries = {p.name for p in output_dir.iterdir()} if output_dir.is_dir() else {output_dir.name}
+        if not output_dir.is_dir() or INFO_FILE not in entries or entries - ours:
+            raise ValueError(
+                f"{output_dir} is not a digits folder written by this script (it holds {sorted(entries - ours)[:5]} "
+                f"or lacks {INFO_FILE}); --overwrite only replaces those. Choose another folder."
+            )
     parts = _split(resolution, test_fraction, seed)
     info = {
         "source": f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__})",
@@ -122,7 +132,7 @@ def write_digits_imagefolder(
         "num_train": len(parts["train_indices"]),
         "num_test": len(parts["test_indices"]),
     }
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, replace_existing=True) as tmp:  # checked above: only an earlier run's folder
         for split in ("train", "test"):
             counts = {str(c): 0 for c in range(NUM_CLASSES)}
             for index, label, pixels in zip(

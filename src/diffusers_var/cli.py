@@ -1,10 +1,45 @@
-"""The ``diffusers-var`` command: ``diffusers-var convert ...`` and ``diffusers-var generate ...``."""
+"""The ``diffusers-var`` command: ``diffusers-var convert ...`` and ``diffusers-var generate ...``.
+
+Every error a user can cause (bad input, missing or damaged files, no GPU) ends the command with one line on
+stderr and a non-zero exit status, never a traceback. ``DIFFUSERS_VAR_TRACEBACK=1`` shows the traceback of an
+error that was not expected (a bug worth reporting).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable
 
 from . import convert, generate
+
+# errors that describe the user's input or environment; anything else is reported as unexpected
+_EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, TypeError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on a single line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], object], args) -> None:
+    """Run a command; turn any exception into ``error: <one line>`` on stderr and a non-zero exit.
+
+    Exit status 2 for bad input (ValueError, as argparse uses for bad flags), 1 for other failures, 130 when
+    interrupted.
+    """
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")
+    except Exception as error:
+        if os.environ.get("DIFFUSERS_VAR_TRACEBACK"):
+            raise
+        status = 2 if isinstance(error, ValueError) else 1
+        message = one_line(error)
+        if not isinstance(error, _EXPECTED_ERRORS):
+            message = f"unexpected {type(error).__name__}: {message} (DIFFUSERS_VAR_TRACEBACK=1 shows where)"
+        parser.exit(status, f"error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,10 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_arguments(generate_parser)
     generate_parser.set_defaults(run=generate.generate)
     args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, OSError) as error:  # bad input, missing files: a message, not a traceback
-        parser.exit(2, f"error: {error}\n")
+    run_command(parser, args.run, args)
 
 
 if __name__ == "__main__":

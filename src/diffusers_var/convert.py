@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import re
 from collections.abc import Callable
 from importlib import resources
@@ -228,6 +229,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state_dict = load_file(path)
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refuses a pickle that names a Python global (a function or class it would import and run);
+        # garbage bytes fail as an unsupported opcode instead
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if refused is None:
+            raise ValueError(
+                f"Could not read checkpoint {str(path)!r}; the file is corrupt or truncated. Download it again."
+            ) from error
+        raise ValueError(
+            f"Refusing {str(path)!r}: besides tensors it holds Python objects ({refused[1]}), which "
+            "torch.load(weights_only=True) will not load because unpickling them can execute code. Official VAR "
+            "checkpoints are plain state dicts; if you trust this file, re-save its tensors as .safetensors and "
+            "convert that."
+        ) from error
     except Exception as error:  # torch.load and safetensors raise many types for damaged files
         raise ValueError(
             f"Could not read checkpoint {str(path)!r}; the file is corrupt or truncated "
@@ -238,30 +253,35 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+# keys only one of the two official checkpoints has: tell a swapped --vae / --var apart from a damaged file
+_KIND_KEYS = {"tokenizer (--vae)": "quantize.embedding.weight", "transformer (--var)": "class_emb.weight"}
+
+
+def check_checkpoint_kind(state_dict: dict[str, torch.Tensor], expected: str, path: str | os.PathLike) -> None:
+    """Raise a ValueError if the file given as the ``expected`` kind is the other official checkpoint."""
+    for kind, key in _KIND_KEYS.items():
+        if kind != expected and key in state_dict and _KIND_KEYS[expected] not in state_dict:
+            raise ValueError(
+                f"{str(path)!r} was given as the {expected} checkpoint but is the official {kind} one (it has "
+                f"{key!r}). Did you swap --vae and --var?"
+            )
+
+
 def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load every weight or raise a ValueError naming the missing, unexpected and mis-shaped keys."""
+    from .models.loading import describe_key_problems
+
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    misshaped = sorted(
+    misshaped = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in set(expected) & set(state_dict)
         if state_dict[k].shape != expected[k].shape
-    )
-    if missing or unexpected or misshaped:
-        problems = [
-            f"{name} ({len(keys)}): {keys}"
-            for name, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("mis-shaped", misshaped),
-            )
-            if keys
-        ]
+    ]
+    problems = describe_key_problems(set(expected) - set(state_dict), set(state_dict) - set(expected), misshaped)
+    if problems:
         raise ValueError(
-            f"{source} does not fit the configuration. "
-            + "; ".join(problems)
-            + ". Check that --preset / --official-config describe this checkpoint."
+            f"{source} does not fit the configuration: {problems}. Check that --preset / --official-config "
+            "describe this checkpoint."
         )
     model.load_state_dict(state_dict, strict=True)
 
@@ -276,19 +296,14 @@ def build_pipeline(
     vqvae_kwargs, transformer_kwargs, scheduler_kwargs = component_configs(
         official_kwargs["vqvae_kwargs"], official_kwargs["var_kwargs"]
     )
+    vae_state, var_state = load_checkpoint(vae_path), load_checkpoint(var_path)
+    check_checkpoint_kind(vae_state, "tokenizer (--vae)", vae_path)
+    check_checkpoint_kind(var_state, "transformer (--var)", var_path)
     vqvae = MultiScaleVQVAE(**vqvae_kwargs)
-    load_strict(
-        vqvae,
-        convert_vqvae_state_dict(load_checkpoint(vae_path), len(vqvae_kwargs["ch_mult"])),
-        str(vae_path),
-    )
+    load_strict(vqvae, convert_vqvae_state_dict(vae_state, len(vqvae_kwargs["ch_mult"])), str(vae_path))
     config = VARConfig(**transformer_kwargs)
     transformer = VARTransformer(config)
-    load_strict(
-        transformer,
-        convert_transformer_state_dict(load_checkpoint(var_path), config),
-        str(var_path),
-    )
+    load_strict(transformer, convert_transformer_state_dict(var_state, config), str(var_path))
     scheduler = VARScaleScheduler(**scheduler_kwargs)
     return VARPipeline(vqvae.eval(), transformer.eval(), scheduler, id2label=id2label)
 
@@ -299,8 +314,17 @@ def convert(
     output: str | os.PathLike,
     preset: str | None = None,
     official_config: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> VARPipeline:
-    """Convert and save atomically: ``output`` is either complete or untouched."""
+    """Convert and save atomically: ``output`` is either complete or untouched.
+
+    ``output`` must be new, empty, or an earlier pipeline save; ``overwrite=True`` writes beside other files there,
+    replacing only the pipeline's own (see :meth:`VARPipeline.save_pretrained`). It is checked before the
+    checkpoints are read, so a wrong folder fails at once.
+    """
+    from .saving import check_save_target
+
+    check_save_target(Path(output).absolute(), overwrite)
     if (preset is None) == (official_config is None):
         raise ValueError("Give exactly one of --preset or --official-config.")
     if preset is not None:
@@ -318,7 +342,7 @@ def convert(
         num_classes = official["var_kwargs"].get("num_classes", 1000)
         id2label = imagenet_id2label() if num_classes == 1000 else None
     pipeline = build_pipeline(vae, var, official, id2label)
-    pipeline.save_pretrained(output)
+    pipeline.save_pretrained(output, overwrite=overwrite)
     return pipeline
 
 
@@ -333,7 +357,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="official transformer checkpoint (.pth or .safetensors)",
     )
-    parser.add_argument("--output", required=True, help="folder to write the pipeline to")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder to write the pipeline to: new, empty, or an earlier save (see --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder that holds other files; only the pipeline's own files are replaced (default: off)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--preset",
@@ -350,18 +383,18 @@ def run(args: argparse.Namespace) -> None:
         args.output,
         preset=args.preset,
         official_config=args.official_config,
+        overwrite=args.overwrite,
     )
     print(f"Saved VARPipeline to {args.output}")
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .cli import run_command
+
     parser = argparse.ArgumentParser(prog="diffusers-var convert", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except ValueError as error:
-        parser.exit(2, f"error: {error}\n")
+    run_command(parser, run, args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
-"""Files and the Hub: atomic folders, snapshot download, model cards and upload."""
+"""The Hub and model cards: snapshot download, cards, upload, and saving into a training run's folder."""
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -15,78 +13,59 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.constants import HF_HUB_OFFLINE
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+from .saving import (  # noqa: F401  (atomic_directory and normal_permissions were first importable from here)
+    atomic_directory,
+    current_umask,
+    install_model_save,
+    install_pipeline_save,
+    normal_permissions,
+    save_folder,
+)
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def normal_permissions(folder: str | os.PathLike) -> None:
-    """Give every file and folder under ``folder`` the permissions a plain new one gets under the umask.
-
-    Temporary files are private (0600) and diffusers 0.42 writes its safetensors that way; a saved model should
-    read like any other file, e.g. in a shared cache or a package.
-    """
-    umask = _umask()
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, keep_existing: bool = False) -> Iterator[str]:
-    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename, on error it is removed.
-
-    A reader never sees a half-written ``target``: it is either the old folder, absent, or the complete new one.
-    With ``keep_existing``, the temporary folder starts as a copy of ``target``, so files the writer does not
-    rewrite (e.g. the main weights beside a new ``variant``) survive.
-    """
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder
-    try:
-        if keep_existing and target.is_dir():
-            shutil.copytree(target, tmp, dirs_exist_ok=True)  # copies, not links: the writer may rewrite in place
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    normal_permissions(tmp)
-    old = None
-    if target.exists():
-        old = tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
-        os.rmdir(old)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+logger = logging.getLogger(__name__)
 
 
 def save_pretrained_into(pretrained, folder: str | os.PathLike, card: ModelCard | None = None) -> None:
-    """Write a pipeline or model (and its card as README.md) into ``folder`` without touching its other files.
+    """Write a pipeline or model (and its card as README.md) into a training run's ``folder``, keeping its other files.
 
-    For a training run's output folder, which also holds checkpoints and logs. Everything is written to a
-    temporary folder first and moved in entry by entry, with the config (``model_index.json`` or ``config.json``)
-    last: a loader never finds a config that points at missing weights.
+    The folder also holds checkpoints and logs: only the files a pipeline (or model) folder consists of are
+    replaced, the entry point (``model_index.json`` or ``config.json``) last, so a loader never finds it pointing at
+    missing weights (see :mod:`diffusers_var.saving`). The card replaces a README.md only if we wrote that one too.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".pipeline-") as tmp:
-        staged = Path(tmp) / "pipeline"
-        pretrained.save_pretrained(staged)
-        if card is not None:
-            card.save(staged / "README.md")
-        normal_permissions(staged)
-        entries = sorted(staged.iterdir(), key=lambda p: p.name in ("model_index.json", "config.json"))
-        for entry in entries:
-            target = folder / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(entry, target)
+    from diffusers import DiffusionPipeline
+
+    if isinstance(pretrained, DiffusionPipeline):  # the library's own save; ours would stage a second time
+        write, install = (lambda staged: DiffusionPipeline.save_pretrained(pretrained, staged)), install_pipeline_save
+    else:
+        write, install = (lambda staged: pretrained.save_pretrained(staged)), install_model_save
+    save_folder(write, folder, install, overwrite=True)
+    if card is not None:
+        save_card(card, Path(folder) / "README.md")
+
+
+def _is_our_card(path: Path) -> bool:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return text.startswith("---") and "- diffusers-var" in text.split("---", 2)[1]
+
+
+def save_card(card: ModelCard, path: Path) -> bool:
+    """Write ``card`` to ``path`` atomically, unless a README of someone else's is there (then warn and skip)."""
+    if path.exists() and not _is_our_card(path):
+        logger.warning(f"Not writing the model card: {path} exists and was not written by diffusers-var.")
+        return False
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        card.save(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
 
 
 def download_snapshot(repo_id: str, **kwargs) -> str:

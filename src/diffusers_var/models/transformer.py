@@ -18,6 +18,8 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .loading import load_strictly
+
 # exp(logit_scale) is capped at 100, as in the official model; float32 log keeps the clamp bit-identical
 _MAX_LOGIT_SCALE = torch.tensor(100.0).log().item()
 
@@ -275,6 +277,19 @@ class VARPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["VARBlock"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, strict: missing, unexpected or mis-shaped weights (a damaged file,
+        or a config.json that disagrees with it) raise a ValueError naming the file and the keys, where transformers
+        would warn and initialise them randomly. ``output_loading_info=True`` returns the report instead, and
+        ``ignore_mismatched_sizes=True`` accepts mis-shaped weights, as in transformers."""
+
+        def build_on_meta(folder):
+            config = kwargs.get("config")
+            return cls(config if isinstance(config, PretrainedConfig) else cls.config_class.from_pretrained(folder))
+
+        return load_strictly(super().from_pretrained, pretrained_model_name_or_path, model_args, kwargs, build_on_meta)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

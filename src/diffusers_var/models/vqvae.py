@@ -10,6 +10,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
 from .autoencoder_blocks import Decoder, Encoder
+from .loading import load_strictly
 from .quantizer import MultiScaleResidualQuantizer
 
 
@@ -125,6 +126,20 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
             quant_resi=quant_resi,
             share_quant_resi=share_quant_resi,
             default_qresi_counts=default_qresi_counts,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``ModelMixin.from_pretrained``, strict: missing, unexpected or mis-shaped weights (a damaged file, or a
+        config.json that disagrees with it) raise a ValueError naming the file and the keys, where diffusers would
+        warn and leave them uninitialised. ``output_loading_info=True`` returns the report instead, and
+        ``ignore_mismatched_sizes=True`` (with ``low_cpu_mem_usage=False``) accepts mis-shaped weights."""
+        return load_strictly(
+            super().from_pretrained,
+            pretrained_model_name_or_path,
+            (),
+            kwargs,
+            lambda folder: cls.from_config(cls.load_config(folder)),
         )
 
     @property

@@ -12,10 +12,11 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from ..hub import atomic_directory, download_snapshot, push_pipeline_to_hub
+from ..hub import download_snapshot, push_pipeline_to_hub
 from ..models.transformer import VARTransformer
 from ..models.vqvae import MultiScaleVQVAE
 from ..pretrained import BUNDLED_MODELS, bundled_model_path
+from ..saving import install_pipeline_save, save_folder
 from ..schedulers.scale import VARScaleScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -271,15 +272,30 @@ class VARPipeline(DiffusionPipeline):
         """
         return download_snapshot(pretrained_model_name, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """``DiffusionPipeline.save_pretrained``, written to a temporary folder and renamed into place.
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs) -> None:
+        """``DiffusionPipeline.save_pretrained``, without ever losing a file that is not part of the save.
 
-        Saving a ``variant`` keeps the other files already in the folder (e.g. the fp32 weights).
+        ``save_directory`` may be new, empty, or hold an earlier pipeline save (beside ``README.md``,
+        ``.gitattributes`` and ``.git``, as a cloned Hub repo does). Anything else there is refused unless
+        ``overwrite=True``, and even then only the pipeline's own files are replaced. The save is written to a
+        staging folder first, so a reader sees the old save, none, or the complete new one (see
+        :mod:`diffusers_var.saving`). A ``variant`` keeps the other weights already there (e.g. the fp32 ones).
+
+        Example:
+            ```py
+            >>> pipe.save_pretrained("var-d16")                  # new folder, or an earlier save of this pipeline
+            >>> pipe.save_pretrained("my-repo", overwrite=True)  # beside other files, which stay
+            ```
         """
         if kwargs.get("push_to_hub"):
             raise ValueError("Use pipe.push_to_hub(repo_id) to share, so the upload gets a model card.")
-        with atomic_directory(save_directory, keep_existing=kwargs.get("variant") is not None) as tmp:
-            super().save_pretrained(tmp, **kwargs)
+        save_folder(
+            lambda staged: DiffusionPipeline.save_pretrained(self, staged, **kwargs),
+            save_directory,
+            install_pipeline_save,
+            variant=kwargs.get("variant"),
+            overwrite=overwrite,
+        )
 
     def push_to_hub(
         self,

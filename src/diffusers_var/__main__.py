@@ -1,0 +1,5 @@
+"""``python -m diffusers_var ...`` is the ``diffusers-var`` command."""
+
+from .cli import main
+
+main()
