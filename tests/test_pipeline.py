@@ -23,6 +23,13 @@ def test_class_labels_as_int_list_names_and_tensor(pipe):
     assert pipe.get_label_ids(["number 9", "digit 0"]) == [9, 0]
 
 
+def test_integer_labels_of_any_integer_type_and_unconditional_entries(pipe):
+    for labels in (np.int64(4), [np.int32(4)], torch.tensor(4), np.array([4]), torch.tensor([4], dtype=torch.int32)):
+        assert pipe(class_labels=labels, output_type="latent", generator=_seed()).class_labels.tolist() == [4]
+    out = pipe(class_labels=[None, 3], output_type="latent", generator=_seed())  # None: an unconditional image
+    assert out.class_labels.tolist() == [10, 3]  # the null class
+
+
 def test_random_labels_come_from_the_generator(pipe):
     a = pipe(num_images_per_prompt=6, output_type="latent", generator=_seed(1)).class_labels
     b = pipe(num_images_per_prompt=6, output_type="latent", generator=_seed(1)).class_labels
@@ -35,6 +42,19 @@ def test_random_labels_come_from_the_generator(pipe):
         ([3, 10], r"Class id\(s\) \[10\] out of range"),
         (-1, r"out of range: this model has classes 0 to 9"),
         ("seven", r"Unknown class name\(s\) \['seven'\]"),
+        ([1.5], r"class_labels\[0\] is 1.5; each entry must be one of class ids \(ints\) or names"),
+        ([2.0], r"class_labels\[0\] is 2.0"),
+        (np.float64(1.5), r"class_labels must be class ids \(ints\) or names.*got np.float64\(1.5\)"),
+        (torch.tensor([1.7]), r"0-D or 1-D integer tensor of class ids, got \(1,\) of torch.float32"),
+        (torch.tensor([[1], [2]]), r"0-D or 1-D integer tensor of class ids, got \(2, 1\)"),
+        (np.array([1.0]), r"integer tensor of class ids, got \(1,\) of float64"),
+        (True, r"class_labels must be class ids .* got True"),
+        ([1, False], r"class_labels\[1\] is False"),
+        (torch.tensor([True]), r"integer tensor of class ids, got \(1,\) of torch.bool"),
+        ([[1], [1]], r"class_labels\[0\] is \[1\]"),
+        ([], r"class_labels is empty"),
+        (torch.tensor([], dtype=torch.long), r"class_labels is empty"),
+        ({1, 2}, r"class_labels must be class ids"),
     ],
 )
 def test_bad_class_labels(pipe, labels, message):
@@ -113,7 +133,18 @@ def test_guidance_changes_samples_and_unguided_runs_one_batch(pipe):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k"), ({"guidance_scale": -1.0}, "guidance_scale")],
+    [
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be finite"),
+        ({"temperature": float("inf")}, "temperature must be finite"),
+        ({"top_k": 1.5}, "top_k must be an integer"),
+        ({"num_images_per_prompt": 2.5}, "num_images_per_prompt must be an integer, got 2.5"),
+        ({"num_images_per_prompt": True}, "num_images_per_prompt must be an integer, got True"),
+        ({"generator": 0}, r"generator must be a torch.Generator or a list of them, got 0. For a seed"),
+        ({"generator": [torch.Generator(), 1]}, "generator must be a torch.Generator or a list of them"),
+    ],
 )
 def test_bad_sampling_arguments(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -167,3 +198,35 @@ def test_progress_bar_runs_over_scales(pipe, capsys):
     pipe.set_progress_bar_config(disable=False)
     pipe(class_labels=1)
     assert "3/3" in capsys.readouterr().err
+
+
+# -- non-finite values never reach an image ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt"])
+def test_nan_in_the_decoder_raises_naming_it(output_type):
+    from diffusers_var.validation import NonFiniteError
+
+    pipe = tiny_pipeline()
+    with torch.no_grad():
+        pipe.vqvae.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"decoder \(vqvae.decoder\) produced NaN or inf pixels in 2 of 2"):
+        pipe(class_labels=[1, 2], output_type=output_type, generator=_seed())
+    token_maps = pipe(class_labels=[1], output_type="latent", generator=_seed()).images  # no decode, no error
+    with pytest.raises(NonFiniteError, match="decoder"):
+        pipe.vqvae.detokenize(token_maps)
+
+
+@pytest.mark.parametrize(
+    "parameter, scale",
+    [("head.weight", 0), ("input_proj.weight", 1)],  # every scale's logits, or only those after the class token
+)
+def test_nan_in_the_transformer_raises_naming_the_scale(parameter, scale):
+    from diffusers_var.validation import NonFiniteError
+
+    pipe = tiny_pipeline()
+    with torch.no_grad():
+        pipe.transformer.get_parameter(parameter).view(-1)[0] = float("nan")
+    side = (1, 2, 4)[scale]
+    with pytest.raises(NonFiniteError, match=f"logits at scale {scale} \\({side}×{side} tokens\\) hold NaN or inf"):
+        pipe(class_labels=[1, 2], top_k=4, top_p=0.9, output_type="pt", generator=_seed())

@@ -105,11 +105,32 @@ def test_temperature_sharpens():
         ({"top_k": -1}, "top_k must be ≥ 0"),
         ({"guidance_scale": -0.5}, "guidance_scale must be ≥ 0"),
         ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be finite, got nan"),
+        ({"guidance_scale": float("inf")}, "guidance_scale must be finite, got inf"),
+        ({"temperature": float("nan")}, "temperature must be finite"),
+        ({"temperature": float("inf")}, "temperature must be finite"),
+        ({"top_p": float("nan")}, "top_p must be finite"),
+        ({"top_k": 1.5}, "top_k must be an integer or None, got 1.5"),
+        ({"top_k": 2.0}, "top_k must be an integer or None, got 2.0"),
+        ({"top_k": True}, "top_k must be an integer or None, got True"),
+        ({"guidance_scale": "2"}, "guidance_scale must be a number, got '2'"),
+        ({"more_smooth": 1}, "more_smooth must be True or False"),
     ],
 )
 def test_bad_sampling_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         VARScaleScheduler(patch_nums=(1, 2)).step(torch.randn(1, 4, 8), 1, **kwargs)
+
+
+def test_non_finite_logits_are_flagged_and_never_reach_the_draw():
+    scheduler = VARScaleScheduler(patch_nums=(1, 2))
+    logits = torch.randn(2, 4, 8)
+    assert scheduler.step(logits, 1, guidance_scale=2.0).finite.item() is True
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = logits.clone()
+        broken[1, 2, 3] = bad
+        out = scheduler.step(broken, 1, guidance_scale=2.0, top_k=4, top_p=0.9)  # the draw itself must not fail
+        assert out.finite.item() is False and out.token_map.shape == (1, 2, 2)
 
 
 def test_bad_configuration_and_steps():

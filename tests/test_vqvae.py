@@ -140,3 +140,33 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
     assert vqvae.encoder.gradient_checkpointing and vqvae.decoder.gradient_checkpointing
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (lambda x: ((x + 1) * 127.5).round().to(torch.uint8), r"float tensor in \[-1, 1\], got torch.uint8.*127.5 - 1"),
+        (lambda x: (x + 1) * 127.5, r"range over \[.*\]. This looks like \[0, 255\] pixels: use images / 127.5 - 1"),
+        (lambda x: (x - 0.45) / 0.225, r"looks like a mean/std normalisation"),
+        (lambda x: x * 1.3, r"must lie in \[-1, 1\], but they range over"),
+        (lambda x: x.index_put((torch.tensor(0),), torch.tensor(float("nan"))), r"hold \d+ NaN or inf values"),
+        (lambda x: x.numpy(), r"must be a torch.Tensor \(B, 3, H, W\) in \[-1, 1\], got ndarray"),
+    ],
+    ids=["uint8", "0-255", "imagenet-normalised", "out-of-range", "nan", "numpy"],
+)
+def test_tokenize_refuses_images_outside_its_range_and_guesses_why(images, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_vqvae().tokenize(images(tiny_images()))
+
+
+def test_tokenize_casts_any_float_dtype_and_warns_about_0_1_images():
+    vqvae, images = tiny_vqvae(), tiny_images()
+    expected = vqvae.tokenize(images)
+    for cast in (images.double(), images.half().float()):
+        assert [t.shape for t in vqvae.tokenize(cast)] == [t.shape for t in expected]
+    assert all(torch.equal(a, b) for a, b in zip(vqvae.tokenize(images.double()), expected))
+    bf16 = tiny_vqvae().to(torch.bfloat16)
+    assert len(bf16.tokenize(images)) == 3  # float32 images into a bfloat16 model
+    assert len(vqvae.tokenize(images * 1.05)) == 3  # a small overshoot (e.g. bicubic resizing) is tolerated
+    with pytest.warns(UserWarning, match=r"looks like images in \[0, 1\].*images \* 2 - 1"):
+        vqvae.tokenize((images + 1) / 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -9,8 +10,27 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+from ..validation import NonFiniteError
 from .autoencoder_blocks import Decoder, Encoder
 from .loading import load_strictly
+
+# images may leave [-1, 1] by this much (e.g. a bicubic resize overshooting) before tokenize refuses them
+IMAGE_RANGE_TOLERANCE = 0.1
+
+
+def check_decoded_images(images: torch.Tensor) -> torch.Tensor:
+    """Raise :class:`NonFiniteError` naming the decoder if decoded images hold NaN or inf; return them otherwise."""
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise NonFiniteError(
+            f"The tokenizer's decoder (vqvae.decoder) produced NaN or inf pixels in {len(bad)} of {len(finite)} "
+            f"image(s) (e.g. index {bad[0]}): its weights are damaged or it overflowed in reduced precision. Load "
+            "the tokenizer again, or decode in float32."
+        )
+    return images
+
+
 from .quantizer import MultiScaleResidualQuantizer
 
 
@@ -153,7 +173,13 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
 
     # -- checks --------------------------------------------------------------------------------------------------
 
-    def _check_images(self, images: torch.Tensor) -> None:
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Check shape, dtype and values of images for the encoder; return them in the model's dtype."""
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(
+                f"images must be a torch.Tensor (B, 3, H, W) in [-1, 1], got {type(images).__name__}. Convert PIL "
+                "images with diffusers' VaeImageProcessor().preprocess(...)."
+            )
         expected = (self.config.in_channels, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
@@ -161,6 +187,33 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
                 f"{tuple(images.shape)}. This tokenizer's patch_nums={tuple(self.config.patch_nums)} fix the size at "
                 f"{self.image_size} px; resize or crop the images first."
             )
+        if not images.is_floating_point():
+            raise ValueError(
+                f"images must be a float tensor in [-1, 1], got {images.dtype}. For uint8 pixels use "
+                "images.float() / 127.5 - 1."
+            )
+        if images.numel():
+            finite = torch.isfinite(images)
+            if not bool(finite.all()):
+                raise ValueError(f"images hold {int((~finite).sum())} NaN or inf values; tokenize needs finite pixels.")
+            low, high = (float(v) for v in images.aminmax())
+            if low < -1 - IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
+                if low >= 0 and high > 2:
+                    guess = "This looks like [0, 255] pixels: use images / 127.5 - 1."
+                elif low < -1.5 or high > 1.5:
+                    guess = "This looks like a mean/std normalisation (e.g. ImageNet's): use (pixels * 2 - 1) instead."
+                else:
+                    guess = "Clamp them, or check the preprocessing (a resize that overshoots?)."
+                raise ValueError(f"images must lie in [-1, 1], but they range over [{low:.4g}, {high:.4g}]. {guess}")
+            if low >= 0:
+                warnings.warn(
+                    f"Every pixel value is ≥ 0 (range [{low:.3g}, {high:.3g}]): this looks like images in [0, 1], "
+                    "but the tokenizer expects [-1, 1]; use images * 2 - 1 (ignore this if the images are "
+                    "simply bright).",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        return images.to(self.dtype)
 
     def check_token_maps(self, token_maps: list[torch.Tensor]) -> None:
         """Raise a ValueError unless ``token_maps`` is one (B, pn, pn) map of codes in [0, V) per scale."""
@@ -190,7 +243,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] → continuous latents f (B, z_channels, h, w), before quantisation."""
-        self._check_images(images)
+        images = self._check_images(images)
         return self.quant_conv(self.encoder(images))
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
@@ -209,8 +262,8 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         return self.quantizer.token_maps_to_fhat(token_maps)
 
     def detokenize(self, token_maps: list[torch.LongTensor]) -> torch.Tensor:
-        """Token maps → images (B, 3, H, W) in [-1, 1]."""
-        return self.decode(self.token_maps_to_fhat(token_maps)).clamp(-1, 1)
+        """Token maps → images (B, 3, H, W) in [-1, 1]; NaN or inf pixels raise :class:`NonFiniteError`."""
+        return check_decoded_images(self.decode(self.token_maps_to_fhat(token_maps))).clamp(-1, 1)
 
     def next_scale_inputs(self, token_maps: list[torch.LongTensor]) -> torch.Tensor:
         """Token maps → the transformer's teacher-forcing input (B, L − first_l, z_channels)."""
@@ -241,7 +294,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Tokenize and detokenize in one pass (the tokenizer's reconstruction), in [-1, 1]."""
         _, f_hats = self.quantizer.quantize(self.encode(images))
-        return self.decode(f_hats[-1]).clamp(-1, 1)
+        return check_decoded_images(self.decode(f_hats[-1])).clamp(-1, 1)
 
     def forward(self, images: torch.Tensor, return_dict: bool = True) -> MultiScaleVQVAEOutput | tuple:
         """Training pass: reconstruction with a straight-through quantiser, VQ loss and codebook usage."""

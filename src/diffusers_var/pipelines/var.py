@@ -14,10 +14,11 @@ from diffusers.utils import BaseOutput
 
 from ..hub import download_snapshot, push_pipeline_to_hub
 from ..models.transformer import VARTransformer
-from ..models.vqvae import MultiScaleVQVAE
+from ..models.vqvae import MultiScaleVQVAE, check_decoded_images
 from ..pretrained import BUNDLED_MODELS, bundled_model_path
 from ..saving import install_pipeline_save, save_folder
 from ..schedulers.scale import VARScaleScheduler
+from ..validation import NonFiniteError, check_generator, check_integer, class_label_entries
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -115,14 +116,16 @@ class VARPipeline(DiffusionPipeline):
             raise ValueError(f"Unknown class name(s) {unknown}.{hint}")
         return [self.labels[n] for n in names]
 
-    def _class_ids(self, class_labels) -> list[int]:
-        if isinstance(class_labels, torch.Tensor):
-            class_labels = class_labels.flatten().tolist()
-        if isinstance(class_labels, (int, str, np.integer)):
-            class_labels = [class_labels]
-        ids = [self.get_label_ids(c)[0] if isinstance(c, str) else int(c) for c in class_labels]
+    def _class_ids(self, class_labels, allow_unconditional: bool = False) -> list[int]:
+        """Class ids for ``class_labels`` (ints, names, a 1-D integer tensor; ``None`` entries, where allowed, are
+        the null class: unconditional images). Anything else is a ValueError naming the entry."""
+        entries = class_label_entries(class_labels, allow_unconditional)
         num_classes = self.transformer.config.num_classes
-        bad = [c for c in ids if not 0 <= c < num_classes]
+        ids = [
+            num_classes if entry is None else self.get_label_ids(entry)[0] if isinstance(entry, str) else entry
+            for entry in entries
+        ]
+        bad = [c for c, entry in zip(ids, entries) if entry is not None and not 0 <= c < num_classes]
         if bad:
             raise ValueError(f"Class id(s) {bad} out of range: this model has classes 0 to {num_classes - 1}.")
         return ids
@@ -157,8 +160,9 @@ class VARPipeline(DiffusionPipeline):
         r"""Generate images of the given classes.
 
         Args:
-            class_labels: class ids or names (``id2label``); ``None`` draws ``num_images_per_prompt`` random classes
-                from ``generator``.
+            class_labels: class ids or names (``id2label``), a 1-D integer tensor, or ``None`` to draw
+                ``num_images_per_prompt`` random classes from ``generator``. A ``None`` entry in a list asks for an
+                unconditional image (the null class that guidance uses).
             guidance_scale: classifier-free guidance, 1.0 = none; official ``cfg=c`` is ``1 + c``.
             top_k: keep the k most likely codes (0 or None = all). top_p: nucleus mass in (0, 1] (1.0 or None = all).
             temperature: divides the guided logits.
@@ -171,11 +175,11 @@ class VARPipeline(DiffusionPipeline):
 
         Defaults are the official FID settings (cfg 1.5, top-k 900, top-p 0.96).
         """
-        self.scheduler.check_sampling_args(guidance_scale, top_k, top_p, temperature)
+        self.scheduler.check_sampling_args(guidance_scale, top_k, top_p, temperature, more_smooth)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {num_images_per_prompt}.")
+        check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        check_generator(generator)
         tensor_inputs = callback_on_step_end_tensor_inputs or []
         if not set(tensor_inputs) <= set(self._callback_tensor_inputs):
             raise ValueError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}.")
@@ -184,11 +188,11 @@ class VARPipeline(DiffusionPipeline):
         if class_labels is None:
             labels = self._random_class_labels(num_images_per_prompt, generator)
         else:
-            labels = torch.tensor(self._class_ids(class_labels)).repeat_interleave(num_images_per_prompt)
+            labels = torch.tensor(self._class_ids(class_labels, allow_unconditional=True))
+            labels = labels.repeat_interleave(num_images_per_prompt)
         labels = labels.to(device)
         batch = labels.shape[0]
-        if isinstance(generator, (list, tuple)) and len(generator) != batch:
-            raise ValueError(f"Got {len(generator)} generators for {batch} images; pass one, or one per image.")
+        check_generator(generator, batch)
 
         guided = guidance_scale != 1.0
         null = torch.full_like(labels, self.transformer.config.num_classes)
@@ -204,7 +208,7 @@ class VARPipeline(DiffusionPipeline):
             dtype=self.vqvae.dtype,
             device=device,
         )
-        scale_input, token_maps = None, []
+        scale_input, token_maps, finite = None, [], []
         for si in self.progress_bar(range(self.scheduler.num_scales)):
             logits = self.transformer.forward_scale(model_labels, si, scale_input, kv_cache)
             step = self.scheduler.step(
@@ -218,6 +222,7 @@ class VARPipeline(DiffusionPipeline):
                 generator=generator,
             )
             del logits  # keep the peak down: nothing of this scale's logits outlives its step
+            finite.append(step.finite)
             token_maps.append(step.token_map)
             f_hat = self.vqvae.accumulate_scale(f_hat, si, step.token_map, step.code_weights)
             del step
@@ -230,11 +235,12 @@ class VARPipeline(DiffusionPipeline):
                 scale_input = torch.cat((scale_input, scale_input)) if guided else scale_input
 
         del kv_cache, scale_input  # the cache is the largest buffer; free it before decoding
+        self._check_finite_logits(finite)
 
         if output_type == "latent":
             images = token_maps
         else:
-            images = (self.vqvae.decode(f_hat).clamp(-1, 1) + 1) / 2
+            images = (check_decoded_images(self.vqvae.decode(f_hat)).clamp(-1, 1) + 1) / 2
             if output_type != "pt":
                 images = images.permute(0, 2, 3, 1).float().cpu().numpy()
                 if output_type == "pil":
@@ -243,6 +249,17 @@ class VARPipeline(DiffusionPipeline):
         if not return_dict:
             return (images, labels)
         return VARPipelineOutput(images=images, class_labels=labels)
+
+    def _check_finite_logits(self, finite: list[torch.Tensor]) -> None:
+        """Raise :class:`NonFiniteError` naming the first scale whose logits held NaN or inf (one device sync)."""
+        finite = torch.stack(finite)
+        if not bool(finite.all()):
+            si = int((~finite).nonzero()[0])
+            side = self.scheduler.config.patch_nums[si]
+            raise NonFiniteError(
+                f"The transformer's logits at scale {si} ({side}×{side} tokens) hold NaN or inf: its weights are "
+                "damaged, or it overflowed in float16. Load the model again, or sample in float32 or bfloat16."
+            )
 
     # -- loading and sharing ---------------------------------------------------------------------------------------
 

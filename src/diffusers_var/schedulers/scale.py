@@ -9,6 +9,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from ..validation import check_integer, check_real
+
 GUIDANCE_SCHEDULES = ("linear", "constant")
 
 
@@ -21,11 +23,15 @@ class VARSchedulerOutput(BaseOutput):
         code_weights: with Gumbel smoothing, the soft code weights (B, pn², V) that replace the hard embedding;
             otherwise ``None``.
         logits: the guided, temperature-scaled logits (B, pn², V) after filtering (−inf where filtered out).
+        finite: a 0-D bool tensor on the logits' device, False if the model's logits held NaN or inf (they were then
+            zeroed so the draw could not fail). Read it once after the last scale: reading it per scale would wait
+            for the device each time.
     """
 
     token_map: torch.LongTensor
     code_weights: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    finite: torch.Tensor | None = None
 
 
 def top_k_top_p_filter_(logits: torch.Tensor, top_k: int | None = 0, top_p: float | None = 1.0) -> torch.Tensor:
@@ -151,16 +157,17 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
         return strength
 
     @staticmethod
-    def check_sampling_args(guidance_scale: float, top_k: int | None, top_p: float | None, temperature: float) -> None:
-        """Raise a ValueError naming the first argument outside its range (``None`` switches top-k/top-p off)."""
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be ≥ 0 (1.0 means no guidance), got {guidance_scale}.")
-        if top_k is not None and top_k < 0:
-            raise ValueError(f"top_k must be ≥ 0 (0 disables top-k), got {top_k}.")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1] (1.0 disables it), got {top_p}.")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+    def check_sampling_args(
+        guidance_scale: float, top_k: int | None, top_p: float | None, temperature: float, more_smooth: bool = False
+    ) -> None:
+        """Raise a ValueError naming the first argument that is not a finite number in its range (``None`` switches
+        top-k/top-p off)."""
+        check_real("guidance_scale", guidance_scale, minimum=0, hint=" 1.0 means no guidance.")
+        check_integer("top_k", top_k, minimum=0, allow_none=True)
+        check_real("top_p", top_p, minimum=0, maximum=1, minimum_inclusive=False, allow_none=True, hint=" 1.0 is off.")
+        check_real("temperature", temperature, minimum=0, minimum_inclusive=False)
+        if not isinstance(more_smooth, bool):
+            raise ValueError(f"more_smooth must be True or False, got {more_smooth!r}.")
 
     def step(
         self,
@@ -183,8 +190,9 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
             more_smooth: also return Gumbel-softmax code weights (for visualisation; not for FID).
             generator: a ``torch.Generator``, or one per image.
         """
-        self.check_sampling_args(guidance_scale, top_k, top_p, temperature)
+        self.check_sampling_args(guidance_scale, top_k, top_p, temperature, more_smooth)
         side = self.config.patch_nums[scale_index]
+        finite = torch.isfinite(model_output).all()  # stays on the device; the caller reads it once at the end
         logits = model_output
         if guidance_scale != 1.0:
             t = self.guidance_weight(scale_index, guidance_scale)
@@ -194,6 +202,7 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"Scale {scale_index} has {side * side} positions, but the logits have {logits.shape[1]}.")
         if logits is model_output:
             logits = logits.clone()  # filtering works in place (as the official sampler does), but not on our input
+        logits.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # NaN/inf would crash the draw (on CUDA, the process)
         if temperature != 1.0:
             logits.div_(temperature)
         batch, _, vocab = logits.shape
@@ -213,5 +222,5 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
             code_weights = ((sharpened + gumbel) / tau).softmax(dim=-1)
 
         if not return_dict:
-            return (token_map, code_weights, logits)
-        return VARSchedulerOutput(token_map=token_map, code_weights=code_weights, logits=logits)
+            return (token_map, code_weights, logits, finite)
+        return VARSchedulerOutput(token_map=token_map, code_weights=code_weights, logits=logits, finite=finite)
