@@ -17,6 +17,7 @@ from .models.vqvae import MultiScaleVQVAE, MultiScaleVQVAEOutput
 from .pipelines.var import VARPipeline, VARPipelineOutput
 from .pretrained import BUNDLED_MODELS, bundled_model_path
 from .schedulers.scale import VARScaleScheduler, VARSchedulerOutput
+from .validation import NonFiniteError
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "BUNDLED_MODELS",
     "MultiScaleVQVAE",
     "MultiScaleVQVAEOutput",
+    "NonFiniteError",
     "VARConfig",
     "VARKVCache",
     "VARPipeline",

@@ -13,6 +13,7 @@ from diffusers.utils import BaseOutput
 from ..validation import NonFiniteError
 from .autoencoder_blocks import Decoder, Encoder
 from .loading import load_strictly
+from .quantizer import MultiScaleResidualQuantizer
 
 # images may leave [-1, 1] by this much (e.g. a bicubic resize overshooting) before tokenize refuses them
 IMAGE_RANGE_TOLERANCE = 0.1
@@ -29,9 +30,6 @@ def check_decoded_images(images: torch.Tensor) -> torch.Tensor:
             "the tokenizer again, or decode in float32."
         )
     return images
-
-
-from .quantizer import MultiScaleResidualQuantizer
 
 
 @dataclass
