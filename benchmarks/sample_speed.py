@@ -1,7 +1,8 @@
 """Sampling speed and peak memory of VARPipeline, printed as one JSON object.
 
 Images/s is the batch size over the median wall time of ``--repeats`` full sampling calls (after ``--warmup``
-untimed ones). Peak memory covers those calls: on CUDA the allocator peak (``torch.cuda.max_memory_allocated``); on
+untimed ones). ``non_finite_check_ms`` is what the sampler's NaN/inf guard costs per call (its share of the median
+in ``non_finite_check_share``). Peak memory covers those calls: on CUDA the allocator peak (``torch.cuda.max_memory_allocated``); on
 CPU the process peak RSS, read exactly from the kernel (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``) where Linux allows it, else sampled with psutil, else ``ru_maxrss``. The JSON names the
 method. glibc keeps some freed memory resident, so CPU peaks vary between runs by up to hundreds of MiB; run with
@@ -37,6 +38,7 @@ except ImportError:
 
 from diffusers_var import MultiScaleVQVAE, VARConfig, VARPipeline, VARScaleScheduler, VARTransformer
 from diffusers_var.convert import PRESETS, component_configs
+from diffusers_var.schedulers.scale import finite_flag
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY = dict(
@@ -158,6 +160,29 @@ def time_sampling(sample: Callable[[], object], batch_size: int, repeats: int, w
     }
 
 
+def non_finite_check_ms(pipe: VARPipeline, batch_size: int, guided: bool, device: str, repeats: int = 20) -> float:
+    """Median time (ms) of the sampler's non-finite checks over one whole call: the flag on each scale's raw
+    logits and the in-place zeroing of the guided ones (what ``VARScaleScheduler.step`` adds for safety)."""
+    rows = 2 * batch_size if guided else batch_size
+    vocab = pipe.transformer.config.vocab_size
+    logits = [torch.randn(rows, p * p, vocab, device=device) for p in pipe.scheduler.config.patch_nums]
+    guided_logits = [x[:batch_size].clone() for x in logits]
+
+    def checks():
+        flags = [finite_flag(x) for x in logits]
+        for x in guided_logits:
+            x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        return bool(torch.stack(flags).all())
+
+    checks()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        checks()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def spread_labels(batch_size: int, num_classes: int) -> list[int]:
     """Fixed, spread-out class ids, the same for every run and script."""
     return [i * 97 % num_classes for i in range(batch_size)]
@@ -224,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
             output_type="pt",
         )
 
+    timing = time_sampling(sample, args.batch_size, args.repeats, args.warmup, args.device)
+    check_ms = non_finite_check_ms(pipe, args.batch_size, args.guidance_scale != 1.0, args.device)
     result = {
         "model": args.model or args.preset or "tiny",
         "device": args.device,
@@ -239,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
         "transformer_params_m": round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e6, 1),
         "vqvae_params_m": round(sum(p.numel() for p in pipe.vqvae.parameters()) / 1e6, 1),
         "build_s": round(build_s, 2),
-        **time_sampling(sample, args.batch_size, args.repeats, args.warmup, args.device),
+        **timing,
+        "non_finite_check_ms": round(check_ms, 3),
+        "non_finite_check_share": round(check_ms / 1e3 / timing["median_s"], 6),
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "torch": torch.__version__,
     }

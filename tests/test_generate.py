@@ -35,7 +35,8 @@ def test_grid_has_one_row_per_class(model_dir, tmp_path, capsys):
     )
     assert capsys.readouterr().out.strip() == str(out)
     grid = PIL.Image.open(out)
-    assert grid.height == 2 * 8 and grid.width > 3 * 8
+    cell = 8 * 16  # 8 px samples scaled up 16x (nearest) to the 128 px minimum cell, with a 4 px gutter
+    assert grid.height == 4 + 2 * (cell + 4) and grid.width > 3 * (cell + 4)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
 
 
@@ -60,4 +61,113 @@ def test_bad_arguments_exit_with_a_message(model_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and "out of range" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["generate", "--model", model_dir, "--num-per-class", "0"])
-    assert "--num-per-class must be ≥ 1" in capsys.readouterr().err
+    assert "argument --num-per-class: must be ≥ 1, got 0" in capsys.readouterr().err
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Run the command the way a shell would; return (exit status, stderr)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "diffusers_var", *args], capture_output=True, text=True)
+    return result.returncode, result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "0"], "argument --batch-size: must be ≥ 1, got 0"),
+        (["--batch-size", "-1"], "argument --batch-size: must be ≥ 1, got -1"),
+        (["--num-per-class", "2.5"], "argument --num-per-class: must be a whole number, got '2.5'"),
+        (["--device", "foo"], "--device 'foo' is not a device name"),
+        (["--device", "cuda"], "CUDA is not available on this machine"),
+        (["--output", "grid.bmpx"], "unsupported extension '.bmpx'"),
+        (["--output", "grid"], "unsupported extension '(none)'"),
+        (["--class-labels", "3", "digit 3"], "names class 3 twice ('3' and 'digit 3')"),
+        (["--guidance-scale", "nan"], "guidance_scale must be finite"),
+    ],
+)
+def test_errors_are_one_line_without_a_traceback(model_dir, tmp_path, extra, message):
+    if extra == ["--device", "cuda"] and __import__("torch").cuda.is_available():
+        extra = ["--device", "cuda:99"]
+        message = "CUDA device"
+    status, err = run_cli("generate", "--model", model_dir, "--output", str(tmp_path / "g.png"), *extra)
+    errors = [line for line in err.splitlines() if "error" in line.lower()]  # besides loading progress bars
+    assert status == 2 and "Traceback" not in err and len(errors) == 1 and err.strip().endswith(errors[0]), err
+    assert message in errors[0], err
+
+
+def test_bad_output_paths_fail_before_sampling(model_dir, tmp_path, monkeypatch):
+    from diffusers_var import VARPipeline
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the output path")
+
+    monkeypatch.setattr(VARPipeline, "__call__", no_sampling)
+    (tmp_path / "a-file").write_text("precious")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "theirs.png").write_bytes((tmp_path / "a-file").read_bytes())
+    PIL.Image.new("RGB", (4, 4)).save(tmp_path / "photo.png")  # a real image, not written by us
+    cases = [
+        (["--output-dir", str(tmp_path / "a-file")], "is a file; give a folder"),
+        (["--output-dir", str(tmp_path / "a-file" / "sub")], "cannot be created: " + str(tmp_path / "a-file")),
+        (["--output", str(tmp_path / "a-file" / "grid.png")], "cannot be created"),
+        (["--output", str(tmp_path / "folder")], "is a folder; give a file name"),
+        (["--output", str(tmp_path / "photo.png")], "exists and was not written by diffusers-var"),
+        (["--output", str(tmp_path / "theirs.png")], "exists and was not written by diffusers-var"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", "\\(")):
+            from diffusers_var.generate import add_arguments, generate
+
+            parser = __import__("argparse").ArgumentParser()
+            add_arguments(parser)
+            generate(parser.parse_args(["--model", model_dir, *extra]))
+    assert (tmp_path / "a-file").read_text() == "precious"
+
+
+def test_outputs_follow_the_extension_are_tagged_and_only_ours_are_replaced(model_dir, tmp_path):
+    from diffusers_var.generate import written_by_us
+
+    for name, fmt in (("grid.jpg", "JPEG"), ("grid.webp", "WEBP"), ("grid.png", "PNG")):
+        cli_main(["generate", "--model", model_dir, "--class-labels", "1", "--num-per-class", "2",
+                  "--output", str(tmp_path / name)])  # fmt: skip
+        with PIL.Image.open(tmp_path / name) as image:
+            assert image.format == fmt and written_by_us(tmp_path / name)
+    # a rerun replaces our own grid; a photo of the user's needs --overwrite
+    cli_main(["generate", "--model", model_dir, "--class-labels", "1", "--output", str(tmp_path / "grid.png")])
+    PIL.Image.new("RGB", (4, 4)).save(tmp_path / "photo.png")
+    args = ["generate", "--model", model_dir, "--class-labels", "1", "--output", str(tmp_path / "photo.png")]
+    with pytest.raises(SystemExit):
+        cli_main(args)
+    assert PIL.Image.open(tmp_path / "photo.png").size == (4, 4)
+    cli_main([*args, "--overwrite"])
+    assert written_by_us(tmp_path / "photo.png")
+
+
+def test_output_dir_streams_each_batch_to_disk(model_dir, tmp_path, monkeypatch):
+    """Files appear as each batch finishes: when the third batch is sampled, the first two batches are on disk."""
+    from diffusers_var import VARPipeline
+
+    out = tmp_path / "samples"
+    seen_on_disk = []
+    call = VARPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen_on_disk.append(len(list(out.glob("*.png"))) if out.is_dir() else 0)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(VARPipeline, "__call__", spy)
+    cli_main(["generate", "--model", model_dir, "--class-labels", "1", "2", "--num-per-class", "3",
+              "--batch-size", "2", "--output-dir", str(out)])  # fmt: skip
+    assert seen_on_disk == [0, 2, 4] and len(list(out.glob("*.png"))) == 6
+
+
+def test_grid_rows_are_labelled_once():
+    from diffusers_var.generate import class_name
+
+    pipe = tiny_pipeline(id2label={0: "0", 1: "golden retriever, golden", 2: "a" * 40})
+    assert class_name(pipe, 0) == "0"  # not "0: 0"
+    assert class_name(pipe, 1) == "1: golden retriever"
+    assert class_name(pipe, 2).endswith("…") and len(class_name(pipe, 2)) == 28
+    assert class_name(pipe, 3) == "3"

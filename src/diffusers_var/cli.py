@@ -17,6 +17,13 @@ from . import convert, generate
 _EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, TypeError)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors on one line (``prog: error: message (see --help)``) instead of usage plus message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on a single line."""
     return " ".join(str(error).split()) or type(error).__name__
@@ -43,7 +50,7 @@ def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="diffusers-var", description="VAR for diffusers and transformers.")
+    parser = ArgumentParser(prog="diffusers-var", description="VAR for diffusers and transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert_parser = commands.add_parser(
         "convert",

@@ -389,9 +389,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import run_command
+    from .cli import ArgumentParser, run_command
 
-    parser = argparse.ArgumentParser(prog="diffusers-var convert", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="diffusers-var convert", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     run_command(parser, run, args)

@@ -2,30 +2,41 @@
 
 Usage::
 
-    diffusers-var generate                      # the bundled var-digits model, every class → grid.png
+    diffusers-var generate                      # the bundled var-digits model, 8 per class → grid.png
     diffusers-var generate --model path/to/pipeline --class-labels 0 1 "golden retriever" --output grid.png
     diffusers-var generate --model org/var-d16 --num-per-class 50 --seed 0 --output-dir samples/
 
-``--output`` writes one labelled grid (a row per class); ``--output-dir`` writes ``<class id>_<index>.png`` per
-sample. Files are written to a temporary name and renamed, so an interrupted run leaves no partial image.
+``--output`` writes one grid (a labelled row per class; PNG, JPEG, WebP or TIFF by its extension); ``--output-dir``
+writes ``<class id>_<index>.png`` per sample, each as soon as its batch is done. Every path is checked before
+sampling starts. Files are written to a temporary name and renamed, so an interrupted run leaves no partial image,
+and a file that diffusers-var did not write is never replaced without ``--overwrite`` (our images say so in their
+EXIF ``Software`` tag).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageFont
 import torch
 from tqdm.auto import tqdm
 
 from .pipelines.var import VARPipeline
+from .saving import current_umask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MODEL = "var-digits"  # bundled with the package: the command works offline with no arguments
+GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+SOFTWARE = "diffusers-var"
+_EXIF_SOFTWARE, _EXIF_DESCRIPTION = 0x0131, 0x010E
+MIN_CELL = 128  # grid cells are scaled up (nearest) to at least this many pixels, so 32 px samples are readable
+GUTTER = 4
 
 
 def sample_seed(seed: int, class_id: int, index: int) -> int:
@@ -33,41 +44,184 @@ def sample_seed(seed: int, class_id: int, index: int) -> int:
     return (seed * 1_000_000_007 + class_id * 1_000_003 + index) % (2**63)
 
 
-def save_png_atomically(image: PIL.Image.Image, path: str | os.PathLike) -> None:
+# -- files -------------------------------------------------------------------------------------------------------
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether the image at ``path`` carries our EXIF ``Software`` tag (so replacing it loses nothing of the user's)."""
+    try:
+        with PIL.Image.open(path) as image:
+            return str(image.getexif().get(_EXIF_SOFTWARE, "")).startswith(SOFTWARE)
+    except (OSError, ValueError, SyntaxError):  # not an image PIL can read
+        return False
+
+
+def save_image_atomically(image: PIL.Image.Image, path: str | os.PathLike, description: str = "") -> None:
+    """Save ``image`` in the format of ``path``'s extension, tagged as ours, through a temporary file and a rename."""
+    from . import __version__
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    exif = PIL.Image.Exif()
+    exif[_EXIF_SOFTWARE] = f"{SOFTWARE} {__version__}"
+    if description:
+        exif[_EXIF_DESCRIPTION] = description
+    file_format = GRID_FORMATS.get(path.suffix.lower(), "PNG")
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        image.save(tmp, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the image should read like any other
+        options = {"quality": 95} if file_format in ("JPEG", "WEBP") else {}
+        image.save(tmp, format=file_format, exif=exif, **options)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes the file private; it should read like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def labelled_grid(rows: list[list[PIL.Image.Image]], names: list[str], label_width: int = 0) -> PIL.Image.Image:
-    """One row per class, its name written in a margin on the left."""
-    width, height = rows[0][0].size
-    draw_probe = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
-    label_width = label_width or max(int(draw_probe.textlength(n)) for n in names) + 8
-    columns = max(len(r) for r in rows)
-    grid = PIL.Image.new("RGB", (label_width + columns * width, len(rows) * height), "white")
-    draw = PIL.ImageDraw.Draw(grid)
-    for r, (row, name) in enumerate(zip(rows, names)):
-        draw.text((4, r * height + max(height // 2 - 6, 0)), name, fill="black")
+def save_png_atomically(image: PIL.Image.Image, path: str | os.PathLike) -> None:
+    """:func:`save_image_atomically` for a ``.png`` path (kept for callers of the first version)."""
+    save_image_atomically(image, path)
+
+
+def _writable_folder(folder: Path, flag: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written there, or raise a ValueError naming why."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {folder} cannot be created: {parent} is a file.")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {folder} is not writable: {error.strerror or error}.") from error
+
+
+def _check_replaceable(path: Path, overwrite: bool, flag: str) -> None:
+    if path.is_dir():
+        raise ValueError(f"{flag}: {path} is a folder where an image goes; move it away.")
+    if path.exists() and not overwrite and not written_by_us(path):
+        raise ValueError(
+            f"{path} exists and was not written by diffusers-var; pass --overwrite to replace it, or choose "
+            "another name."
+        )
+
+
+def check_outputs(args: argparse.Namespace, jobs: list[tuple[int, int]] | None = None) -> Path:
+    """Validate the output paths before any sampling; returns the grid file or the samples folder."""
+    if args.output_dir:
+        folder = Path(args.output_dir)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--output-dir {folder} is a file; give a folder.")
+        _writable_folder(folder, "--output-dir")
+        for class_id, index in jobs or []:
+            _check_replaceable(folder / f"{class_id}_{index}.png", args.overwrite, "--output-dir")
+        return folder
+    path = Path(args.output or "grid.png")
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file name such as grid.png, or use --output-dir.")
+    if path.suffix.lower() not in GRID_FORMATS:
+        raise ValueError(
+            f"--output {path}: unsupported extension {path.suffix or '(none)'!r}; use one of "
+            f"{sorted(set(GRID_FORMATS))}."
+        )
+    _check_replaceable(path, args.overwrite, "--output")
+    _writable_folder(path.parent, "--output's folder")
+    return path
+
+
+def check_device(name: str) -> torch.device:
+    """``--device`` as a torch device that exists on this machine, or a ValueError saying what is available."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps.") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unsupported device type {device.type!r}; use cpu, cuda or mps.")
+    return device
+
+
+# -- the grid ---------------------------------------------------------------------------------------------------------
+
+
+def _font(size: int) -> PIL.ImageFont.ImageFont:
+    try:
+        return PIL.ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return PIL.ImageFont.load_default()
+
+
+class GridCanvas:
+    """A grid with one labelled row per class, filled in as samples arrive (nothing else is held in memory).
+
+    Samples are scaled up by a whole factor (nearest neighbour) to at least ``MIN_CELL`` pixels, so small models'
+    pixels stay crisp and readable at 100 % zoom; cells are separated by a gutter.
+    """
+
+    def __init__(self, names: list[str], columns: int, image_size: int):
+        self.scale = max(1, math.ceil(MIN_CELL / image_size))
+        self.cell = image_size * self.scale
+        self.font = _font(max(12, min(28, self.cell // 5)))
+        probe = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
+        self.label_width = max(int(probe.textlength(name, font=self.font)) for name in names) + 3 * GUTTER
+        self.grid = PIL.Image.new(
+            "RGB",
+            (self.label_width + columns * (self.cell + GUTTER), GUTTER + len(names) * (self.cell + GUTTER)),
+            "white",
+        )
+        draw = PIL.ImageDraw.Draw(self.grid)
+        for row, name in enumerate(names):
+            top = GUTTER + row * (self.cell + GUTTER)
+            draw.text((2 * GUTTER, top + self.cell // 2), name, fill="black", font=self.font, anchor="lm")
+
+    def paste(self, row: int, column: int, image: PIL.Image.Image) -> None:
+        image = image.convert("RGB")
+        if self.scale > 1:
+            image = image.resize((self.cell, self.cell), PIL.Image.Resampling.NEAREST)
+        self.grid.paste(image, (self.label_width + column * (self.cell + GUTTER), GUTTER + row * (self.cell + GUTTER)))
+
+
+def labelled_grid(rows: list[list[PIL.Image.Image]], names: list[str]) -> PIL.Image.Image:
+    """One labelled row per class (see :class:`GridCanvas`)."""
+    canvas = GridCanvas(names, max(len(r) for r in rows), rows[0][0].size[0])
+    for r, row in enumerate(rows):
         for c, image in enumerate(row):
-            grid.paste(image.convert("RGB"), (label_width + c * width, r * height))
-    return grid
+            canvas.paste(r, c, image)
+    return canvas.grid
 
 
-def _class_name(pipe: VARPipeline, class_id: int) -> str:
+def class_name(pipe: VARPipeline, class_id: int, max_length: int = 28) -> str:
+    """A row label: the class's first name, with its id unless the name is the id ("7", "207: golden retriever")."""
     id2label = pipe.config.id2label or {}
     name = id2label.get(class_id, id2label.get(str(class_id)))
-    return f"{class_id}: {name.split(',')[0]}" if name else str(class_id)
+    if not name:
+        return str(class_id)
+    name = name.split(",")[0].strip()
+    if name == str(class_id):
+        return name
+    label = f"{class_id}: {name}"
+    return label if len(label) <= max_length else label[: max_length - 1] + "…"
+
+
+# -- the command ------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = DEFAULT_MODEL) -> None:
@@ -75,35 +229,57 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = D
         "--model",
         default=default_model,
         required=default_model is None,
-        help="a pipeline folder, a bundled model name (e.g. var-digits) or a Hub repo id",
+        help=f"a pipeline folder, a bundled model name or a Hub repo id (default: {default_model})",
     )
     parser.add_argument(
-        "--class-labels", nargs="+", default=None, help="class ids or names (default: every class of the model)"
+        "--class-labels", nargs="+", default=None, help="class ids or names, each once (default: every class)"
     )
-    parser.add_argument("--num-per-class", type=int, default=1)
-    parser.add_argument("--guidance-scale", type=float, default=None, help="1.0 = no guidance (pipeline default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--num-per-class", type=_positive_int, default=8, help="samples per class (default: 8)")
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None, help="1.0 = no guidance (default: the pipeline's, 2.5)"
+    )
+    parser.add_argument("--top-k", type=int, default=None, help="0 = off (default: the pipeline's, 900)")
+    parser.add_argument("--top-p", type=float, default=None, help="1.0 = off (default: the pipeline's, 0.96)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="a sample depends only on (seed, class, index) (default: 0)"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="(default: fp32)")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--output", default=None, help="labelled grid PNG (default: grid.png)")
-    target.add_argument("--output-dir", default=None, help="folder for one PNG per sample")
+    target.add_argument("--output", default=None, help="the grid image: .png, .jpg, .webp or .tiff (default: grid.png)")
+    target.add_argument("--output-dir", default=None, help="folder for one <class>_<index>.png per sample")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing files not written by diffusers-var (default: off)"
+    )
 
 
 def _parse_labels(values: list[str] | None, pipe: VARPipeline) -> list[int]:
     if values is None:
         return list(range(pipe.transformer.config.num_classes))
-    return pipe._class_ids([int(v) if v.lstrip("-").isdigit() else v for v in values])
+    ids = pipe._class_ids([int(v) if v.lstrip("-").isdigit() else v for v in values])
+    seen: dict[int, str] = {}
+    for value, class_id in zip(values, ids):
+        if class_id in seen:
+            raise ValueError(
+                f"--class-labels names class {class_id} twice ({seen[class_id]!r} and {value!r}); list each class "
+                "once and set --num-per-class for more samples."
+            )
+        seen[class_id] = value
+    return ids
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
     """Run the command; returns the written paths."""
     if args.num_per_class < 1:
         raise ValueError(f"--num-per-class must be ≥ 1, got {args.num_per_class}.")
-    pipe = VARPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}.")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_outputs(args)  # before the model loads: a wrong path fails in a second, not after the download
+    pipe = VARPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
     pipe.set_progress_bar_config(disable=True)
     class_ids = _parse_labels(args.class_labels, pipe)
     sampling = {
@@ -111,26 +287,29 @@ def generate(args: argparse.Namespace) -> list[Path]:
         for k, v in (("guidance_scale", args.guidance_scale), ("top_k", args.top_k), ("top_p", args.top_p))
         if v is not None
     }
+    pipe.scheduler.check_sampling_args(sampling.get("guidance_scale", 1.0), args.top_k, args.top_p, 1.0)
     # one generator per image: a sample depends only on (seed, class, index), not on batching or --class-labels
     jobs = [(c, i) for c in class_ids for i in range(args.num_per_class)]
-    images = []
+    target = check_outputs(args, jobs)
+    canvas, row_of = None, {c: row for row, c in enumerate(class_ids)}
+    if not args.output_dir:
+        canvas = GridCanvas([class_name(pipe, c) for c in class_ids], args.num_per_class, pipe.vqvae.image_size)
+    written = []
     with tqdm(total=len(jobs), desc="Sampling", unit="img") as progress:
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start : start + args.batch_size]
             generators = [torch.Generator().manual_seed(sample_seed(args.seed, c, i)) for c, i in chunk]
-            images += pipe(class_labels=[c for c, _ in chunk], generator=generators, **sampling).images
+            images = pipe(class_labels=[c for c, _ in chunk], generator=generators, **sampling).images
+            for (class_id, index), image in zip(chunk, images):
+                if canvas is not None:
+                    canvas.paste(row_of[class_id], index, image)
+                    continue
+                path = target / f"{class_id}_{index}.png"
+                save_image_atomically(image, path, f"{args.model} class={class_id} index={index} seed={args.seed}")
+                written.append(path)
             progress.update(len(chunk))
-
-    written = []
-    if args.output_dir:
-        for (class_id, index), image in zip(jobs, images):
-            path = Path(args.output_dir) / f"{class_id}_{index}.png"
-            save_png_atomically(image, path)
-            written.append(path)
-    else:
-        rows = [images[r * args.num_per_class : (r + 1) * args.num_per_class] for r in range(len(class_ids))]
-        path = Path(args.output or "grid.png")
-        save_png_atomically(labelled_grid(rows, [_class_name(pipe, c) for c in class_ids]), path)
-        written.append(path)
-        print(path)
+    if canvas is not None:
+        save_image_atomically(canvas.grid, target, f"{args.model} seed={args.seed}")
+        written.append(target)
+        print(target)
     return written

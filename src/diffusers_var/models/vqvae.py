@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -191,10 +192,10 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
                 "images.float() / 127.5 - 1."
             )
         if images.numel():
-            finite = torch.isfinite(images)
-            if not bool(finite.all()):
-                raise ValueError(f"images hold {int((~finite).sum())} NaN or inf values; tokenize needs finite pixels.")
-            low, high = (float(v) for v in images.aminmax())
+            low, high = (float(v) for v in images.aminmax())  # NaN if any pixel is, ±inf if any is
+            if not (math.isfinite(low) and math.isfinite(high)):
+                count = int((~torch.isfinite(images)).sum())
+                raise ValueError(f"images hold {count} NaN or inf values; tokenize needs finite pixels.")
             if low < -1 - IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
                 if low >= 0 and high > 2:
                     guess = "This looks like [0, 255] pixels: use images / 127.5 - 1."
