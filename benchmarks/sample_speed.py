@@ -4,10 +4,10 @@ Images/s is the batch size over the median wall time of ``--repeats`` full sampl
 untimed ones). ``non_finite_check_ms`` is what the sampler's NaN/inf guard costs per call (its share of the median
 in ``non_finite_check_share``). Peak memory covers those calls: on CUDA the allocator peak
 (``torch.cuda.max_memory_allocated``); on CPU the process peak RSS, read exactly from the kernel (``VmHWM`` after
-resetting it through ``/proc/self/clear_refs``) where Linux allows it, else sampled with psutil, else ``ru_maxrss``. The JSON names the
-method. glibc keeps some freed memory resident, so CPU peaks vary between runs by up to hundreds of MiB; run with
-``MALLOC_MMAP_THRESHOLD_=131072`` for a reproducible peak of live memory (slower; time without it). Random weights
-(``--preset``, ``--tiny``) time the same work as real ones.
+resetting it through ``/proc/self/clear_refs``) where Linux allows it, else sampled with psutil, else
+``ru_maxrss``. The JSON names the method. glibc keeps some freed memory resident, so CPU peaks vary between runs by
+up to hundreds of MiB; run with ``MALLOC_MMAP_THRESHOLD_=131072`` for a reproducible peak of live memory (slower;
+time without it). Random weights (``--preset``, ``--tiny``) time the same work as real ones.
 
 Examples::
 
