@@ -313,3 +313,16 @@ def generate(args: argparse.Namespace) -> list[Path]:
         written.append(target)
         print(target)
     return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m diffusers_var.generate``: the same as ``diffusers-var generate``."""
+    from .cli import ArgumentParser, run_command
+
+    parser = ArgumentParser(prog="diffusers-var generate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    run_command(parser, generate, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
