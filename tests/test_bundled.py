@@ -59,5 +59,17 @@ def test_a_local_folder_of_the_same_name_wins(bundled, tmp_path):
 
 
 def test_generate_accepts_a_bundled_name(bundled, tmp_path):
-    cli_main(["generate", "--model", "var-digits", "--class-labels", "1", "--output-dir", str(tmp_path / "out")])
+    cli_main(
+        [
+            "generate",
+            "--model",
+            "var-digits",
+            "--class-labels",
+            "1",
+            "--num-per-class",
+            "1",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["1_0.png"]

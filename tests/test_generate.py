@@ -64,15 +64,6 @@ def test_bad_arguments_exit_with_a_message(model_dir, tmp_path, capsys):
     assert "argument --num-per-class: must be ≥ 1, got 0" in capsys.readouterr().err
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    """Run the command the way a shell would; return (exit status, stderr)."""
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "diffusers_var", *args], capture_output=True, text=True)
-    return result.returncode, result.stderr
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -87,13 +78,15 @@ def run_cli(*args: str) -> tuple[int, str]:
         (["--guidance-scale", "nan"], "guidance_scale must be finite"),
     ],
 )
-def test_errors_are_one_line_without_a_traceback(model_dir, tmp_path, extra, message):
+def test_errors_are_one_line_without_a_traceback(model_dir, tmp_path, extra, message, capsys):
     if extra == ["--device", "cuda"] and __import__("torch").cuda.is_available():
         extra = ["--device", "cuda:99"]
         message = "CUDA device"
-    status, err = run_cli("generate", "--model", model_dir, "--output", str(tmp_path / "g.png"), *extra)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["generate", "--model", model_dir, "--output", str(tmp_path / "g.png"), *extra])
+    err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line.lower()]  # besides loading progress bars
-    assert status == 2 and "Traceback" not in err and len(errors) == 1 and err.strip().endswith(errors[0]), err
+    assert exit_info.value.code == 2 and len(errors) == 1 and err.strip().endswith(errors[0]), err
     assert message in errors[0], err
 
 

@@ -170,3 +170,18 @@ def test_tokenize_casts_any_float_dtype_and_warns_about_0_1_images():
     assert len(vqvae.tokenize(images * 1.05)) == 3  # a small overshoot (e.g. bicubic resizing) is tolerated
     with pytest.warns(UserWarning, match=r"looks like images in \[0, 1\].*images \* 2 - 1"):
         vqvae.tokenize((images + 1) / 2)
+
+
+def test_decode_raises_on_nan_pixels_outside_a_training_step():
+    from diffusers_var import NonFiniteError
+
+    vqvae = tiny_vqvae()
+    with torch.no_grad():
+        vqvae.post_quant_conv.bias[0] = float("inf")
+    f_hat = torch.zeros(1, 8, 4, 4)
+    with pytest.raises(NonFiniteError, match=r"decoder \(vqvae.decoder\) produced NaN or inf pixels in 1 of 1"):
+        vqvae.decode(f_hat)
+    vqvae.train()
+    with pytest.raises(NonFiniteError), torch.no_grad():
+        vqvae.decode(f_hat)  # a validation pass in training mode is checked too
+    assert not torch.isfinite(vqvae.decode(f_hat)).all()  # a training step: the loss will show it

@@ -78,11 +78,6 @@ def save_image_atomically(image: PIL.Image.Image, path: str | os.PathLike, descr
         raise
 
 
-def save_png_atomically(image: PIL.Image.Image, path: str | os.PathLike) -> None:
-    """:func:`save_image_atomically` for a ``.png`` path (kept for callers of the first version)."""
-    save_image_atomically(image, path)
-
-
 def _writable_folder(folder: Path, flag: str) -> None:
     """Create ``folder`` if needed and prove a file can be written there, or raise a ValueError naming why."""
     for parent in (folder, *folder.parents):
@@ -187,15 +182,6 @@ class GridCanvas:
         if self.scale > 1:
             image = image.resize((self.cell, self.cell), PIL.Image.Resampling.NEAREST)
         self.grid.paste(image, (self.label_width + column * (self.cell + GUTTER), GUTTER + row * (self.cell + GUTTER)))
-
-
-def labelled_grid(rows: list[list[PIL.Image.Image]], names: list[str]) -> PIL.Image.Image:
-    """One labelled row per class (see :class:`GridCanvas`)."""
-    canvas = GridCanvas(names, max(len(r) for r in rows), rows[0][0].size[0])
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            canvas.paste(r, c, image)
-    return canvas.grid
 
 
 def class_name(pipe: VARPipeline, class_id: int, max_length: int = 28) -> str:

@@ -106,9 +106,8 @@ def remove_stale_staging(target: Path) -> None:
 def staging_folder(parent: Path, prefix: str) -> Iterator[Path]:
     """A hidden folder in ``parent``, marked as ours and locked while this context runs, then removed."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(
-        path, 0o777 & ~current_umask()
-    )  # mkdtemp makes it private; renamed into place it should look like any folder
+    # mkdtemp makes it private; renamed into place, it should look like any new folder
+    os.chmod(path, 0o777 & ~current_umask())
     marker = open(path / STAGING_MARKER, "w")
     try:
         if fcntl is not None:

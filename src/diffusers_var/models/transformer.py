@@ -410,8 +410,11 @@ class VARTransformer(VARPreTrainedModel):
     # -- pieces shared by training and sampling ----------------------------------------------------------------------
 
     def _check_class_labels(self, class_labels: torch.Tensor) -> None:
-        if class_labels.ndim != 1:
-            raise ValueError(f"class_labels must be a 1-D tensor of class ids, got shape {tuple(class_labels.shape)}.")
+        if class_labels.ndim != 1 or class_labels.is_floating_point() or class_labels.dtype == torch.bool:
+            raise ValueError(
+                f"class_labels must be a 1-D integer tensor of class ids, got shape {tuple(class_labels.shape)} of "
+                f"{class_labels.dtype}."
+            )
         if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > self.config.num_classes):
             raise ValueError(
                 f"class_labels must lie in [0, {self.config.num_classes}] ({self.config.num_classes} is the null "

@@ -246,8 +246,13 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         return self.quant_conv(self.encoder(images))
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Quantised latents f̂ → images, not clamped."""
-        return self.decoder(self.post_quant_conv(f_hat))
+        """Quantised latents f̂ → images, not clamped. NaN or inf pixels raise :class:`NonFiniteError` naming the
+        decoder, except in a training step (training mode with gradients), where the loss shows them without a
+        device sync per step."""
+        images = self.decoder(self.post_quant_conv(f_hat))
+        if self.training and torch.is_grad_enabled():
+            return images
+        return check_decoded_images(images)
 
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> list[torch.LongTensor]:
@@ -262,7 +267,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
 
     def detokenize(self, token_maps: list[torch.LongTensor]) -> torch.Tensor:
         """Token maps → images (B, 3, H, W) in [-1, 1]; NaN or inf pixels raise :class:`NonFiniteError`."""
-        return check_decoded_images(self.decode(self.token_maps_to_fhat(token_maps))).clamp(-1, 1)
+        return self.decode(self.token_maps_to_fhat(token_maps)).clamp(-1, 1)
 
     def next_scale_inputs(self, token_maps: list[torch.LongTensor]) -> torch.Tensor:
         """Token maps → the transformer's teacher-forcing input (B, L − first_l, z_channels)."""
@@ -293,7 +298,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Tokenize and detokenize in one pass (the tokenizer's reconstruction), in [-1, 1]."""
         _, f_hats = self.quantizer.quantize(self.encode(images))
-        return check_decoded_images(self.decode(f_hats[-1])).clamp(-1, 1)
+        return self.decode(f_hats[-1]).clamp(-1, 1)
 
     def forward(self, images: torch.Tensor, return_dict: bool = True) -> MultiScaleVQVAEOutput | tuple:
         """Training pass: reconstruction with a straight-through quantiser, VQ loss and codebook usage."""
