@@ -295,6 +295,10 @@ DAMAGES = {  # what is done to a saved folder → what the error must say
         r"mis-shaped \(1\): quantizer.embedding.weight: file \(32, 8\)",
     ),
     "transformer-truncated": (lambda f: truncate(f / TRANSFORMER_FILE), r"model.safetensors is damaged or truncated"),
+    "transformer-config-removed": (
+        lambda f: (f / "transformer" / "config.json").unlink(),
+        r"transformer has no config",
+    ),
     "vqvae-random-bytes": (
         lambda f: (f / VQVAE_FILE).write_bytes(os.urandom(4096)),
         r"diffusion_pytorch_model.safetensors is damaged or truncated",
@@ -361,3 +365,14 @@ def test_a_damaged_repo_in_the_hf_cache_names_the_cached_file(saved, tmp_path):
     shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
     with pytest.raises(ValueError, match="snapshots/0+/transformer/model.safetensors do not fit"):
         VARPipeline.from_pretrained("org/broken", cache_dir=tmp_path / "hub")
+
+
+def test_a_missing_shard_is_named(saved):
+    pipe, folder = saved
+    shutil.rmtree(folder / "transformer")
+    pipe.transformer.save_pretrained(folder / "transformer", max_shard_size="20KB")
+    shards = sorted((folder / "transformer").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    with pytest.raises(ValueError, match=f"transformer lacks the weight shard\\(s\\) {shards[1].name} that its index"):
+        VARPipeline.from_pretrained(folder)

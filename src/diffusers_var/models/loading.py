@@ -114,8 +114,33 @@ def diagnose(
     return _mismatch_message(folder, files, problems)
 
 
+def _missing_shards(folder: Path) -> list[str]:
+    """Shards that a sharded checkpoint's index lists but the folder lacks."""
+    import json
+
+    missing = set()
+    for index in folder.glob("*.index*.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        missing |= {name for name in shards if not (folder / name).is_file()}
+    return sorted(missing)
+
+
 def _mismatch_message(folder: Path | str, files: list[Path] | None, problems: str) -> str:
-    where = ", ".join(str(p) for p in files) if files else str(folder)
+    folder = Path(folder)
+    if folder.is_dir() and (missing := _missing_shards(folder)):
+        return (
+            f"{folder} lacks the weight shard(s) {_short(missing)} that its index lists ({problems}). Download or "
+            "save the model again."
+        )
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return (
+            f"{folder} has no config.json, so its weights cannot be matched to a model. Download or save the model "
+            "again."
+        )
+    where = str(files[0]) if files and len(files) == 1 else f"{folder} ({len(files or [])} weight files)"
     return (
         f"The weights in {where} do not fit {Path(folder) / 'config.json'}: {problems}. The weight file is damaged "
         "or the config was edited; save or download the model again (output_loading_info=True returns this report "
