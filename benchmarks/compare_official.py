@@ -155,7 +155,7 @@ def autoregressive(vae, var, pipe: VARPipeline, labels: torch.Tensor, seed: int,
         ours_logits.append((1 + t) * conditional - t * unconditional)
         out = step(model_output, scale_index, guidance_scale, *args, **kwargs)
         ours_filtered.append(out.logits.clone())  # after filtering, -inf where dropped
-        ours_tokens.append(out.token_map)  # the list output_type="latent" returns
+        ours_tokens.append(out.token_map)  # what every output carries in token_maps
         return out
 
     pipe.scheduler.step = ours_step

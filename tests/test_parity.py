@@ -31,7 +31,7 @@ def test_reference_fixtures_are_present():
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
-def case(request, tmp_path_factory):
+def converted(request, tmp_path_factory) -> tuple[str, Path]:
     folder = FIXTURES / request.param
     output = tmp_path_factory.mktemp(request.param) / "pipeline"
     cli_main(
@@ -47,8 +47,18 @@ def case(request, tmp_path_factory):
             str(output),
         ]
     )
+    return request.param, output
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def case(request, converted):
+    """A converted configuration, loaded with each attention kernel: parity holds on both."""
+    name, output = converted
     pipe = VARPipeline.from_pretrained(output)
+    pipe.transformer.set_attn_implementation(request.param)
+    assert pipe.transformer.config._attn_implementation == request.param
     pipe.set_progress_bar_config(disable=True)
+    folder = FIXTURES / name
     config = json.loads((folder / "config.json").read_text())
     return pipe, load_file(folder / "outputs.safetensors"), config
 
@@ -115,11 +125,15 @@ def test_sampling_matches_official(case):
     pipe, ref, config = case
     for name, call in config["ar_calls"].items():
         kwargs = _pipeline_kwargs(call)
-        latent = pipe(output_type="latent", generator=torch.Generator().manual_seed(call["g_seed"]), **kwargs)
-        assert torch.equal(latent.class_labels, ref[f"{name}_labels"]), f"{name}_labels differ"
-        assert torch.equal(flatten(latent.images), ref[f"{name}_idx_BL"]), f"{name}_idx_BL: tokens differ"
-        images = pipe(output_type="pt", generator=torch.Generator().manual_seed(call["g_seed"]), **kwargs).images
-        assert_close(images, ref[f"{name}_img"], f"{name}_img")
+        out = pipe(output_type="pt", generator=torch.Generator().manual_seed(call["g_seed"]), **kwargs)
+        assert torch.equal(out.class_labels, ref[f"{name}_labels"]), f"{name}_labels differ"
+        assert torch.equal(flatten(out.token_maps), ref[f"{name}_idx_BL"]), f"{name}_idx_BL: tokens differ"
+        assert_close(out.images, ref[f"{name}_img"], f"{name}_img")
+        latents = pipe(output_type="latent", generator=torch.Generator().manual_seed(call["g_seed"]), **kwargs).images
+        decoded = (pipe.vqvae.decode(latents).clamp(-1, 1) + 1) / 2  # the latents are what the decoder consumes
+        assert_close(decoded, ref[f"{name}_img"], f"{name}_img from latents")
+        if not call["more_smooth"]:  # (Gumbel smoothing mixes soft codes into f̂, not the sampled ones)
+            assert_close(latents, pipe.vqvae.token_maps_to_fhat(out.token_maps), f"{name} latents")
 
 
 @torch.no_grad()
@@ -129,20 +143,17 @@ def test_guided_logits_per_scale(case):
     call = config["ar_calls"]["ar_greedy_cfg4p0"]
     kwargs = _pipeline_kwargs(call)
     guided = []
-    forward_scale = pipe.transformer.forward_scale
 
-    def recording_forward_scale(class_labels, scale_index, *args):
-        logits = forward_scale(class_labels, scale_index, *args)
-        t = pipe.scheduler.guidance_weight(scale_index, kwargs["guidance_scale"])
-        conditional, unconditional = logits.chunk(2)
+    def record(module, args, call_kwargs, output):
+        t = pipe.scheduler.guidance_weight(call_kwargs["scale_index"], kwargs["guidance_scale"])
+        conditional, unconditional = output.logits.chunk(2)
         guided.append((1 + t) * conditional - t * unconditional)
-        return logits
 
-    pipe.transformer.forward_scale = recording_forward_scale
+    hook = pipe.transformer.register_forward_hook(record, with_kwargs=True)
     try:
         pipe(output_type="latent", generator=torch.Generator().manual_seed(call["g_seed"]), **kwargs)
     finally:
-        del pipe.transformer.forward_scale
+        hook.remove()
     assert_close(torch.cat(guided, dim=1), ref["ar_greedy_cfg4p0_logits_BLV"], "ar_greedy_cfg4p0_logits_BLV")
 
 

@@ -71,11 +71,14 @@ def test_output_types(pipe):
     np.testing.assert_allclose(np_images, pt.permute(0, 2, 3, 1).numpy())
     pil = pipe(**{**kwargs, "generator": _seed()}).images
     assert len(pil) == 2 and isinstance(pil[0], PIL.Image.Image) and pil[0].size == (8, 8)
-    latent = pipe(output_type="latent", **{**kwargs, "generator": _seed()}).images
-    assert [tuple(t.shape) for t in latent] == [(2, 1, 1), (2, 2, 2), (2, 4, 4)]
-    torch.testing.assert_close((pipe.vqvae.detokenize(latent) + 1) / 2, pt)
-    images, labels = pipe(output_type="pt", return_dict=False, **{**kwargs, "generator": _seed()})
+    latent = pipe(output_type="latent", **{**kwargs, "generator": _seed()})
+    assert latent.images.shape == (2, 8, 4, 4)  # f̂ (B, Cvae, h, w): what the decoder consumes
+    torch.testing.assert_close((pipe.vqvae.decode(latent.images).clamp(-1, 1) + 1) / 2, pt)
+    assert [tuple(t.shape) for t in latent.token_maps] == [(2, 1, 1), (2, 2, 2), (2, 4, 4)]
+    torch.testing.assert_close((pipe.vqvae.detokenize(latent.token_maps) + 1) / 2, pt)
+    images, labels, token_maps = pipe(output_type="pt", return_dict=False, **{**kwargs, "generator": _seed()})
     assert torch.equal(images, pt) and labels.tolist() == [1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(token_maps, latent.token_maps))
     with pytest.raises(ValueError, match="output_type must be one of"):
         pipe(output_type="tensor", **kwargs)
 
@@ -114,21 +117,15 @@ def test_an_image_does_not_depend_on_its_batch_with_per_image_generators(pipe, g
 
 
 def test_guidance_changes_samples_and_unguided_runs_one_batch(pipe):
-    calls = []
-    forward_scale = pipe.transformer.forward_scale
-
-    def spy(class_labels, *args):
-        calls.append(class_labels.shape[0])
-        return forward_scale(class_labels, *args)
-
-    pipe.transformer.forward_scale = spy
+    calls = []  # the transformer's forward sees every scale: hooks (offload, casting) fire
+    pipe.transformer.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     unguided = pipe(class_labels=[1, 2], guidance_scale=1.0, top_k=1, output_type="latent", generator=_seed())
     assert calls == [2, 2, 2]
     calls.clear()
     guided = pipe(class_labels=[1, 2], guidance_scale=8.0, top_k=1, output_type="latent", generator=_seed())
     assert calls == [4, 4, 4]
-    assert torch.equal(guided.images[0], unguided.images[0])  # the linear ramp leaves the first scale unguided
-    assert not all(torch.equal(a, b) for a, b in zip(guided.images, unguided.images))
+    assert torch.equal(guided.token_maps[0], unguided.token_maps[0])  # the linear ramp leaves scale 0 unguided
+    assert not all(torch.equal(a, b) for a, b in zip(guided.token_maps, unguided.token_maps))
 
 
 @pytest.mark.parametrize(
@@ -151,26 +148,85 @@ def test_bad_sampling_arguments(pipe, kwargs, message):
         pipe(class_labels=1, **kwargs)
 
 
-def test_callback_sees_and_can_replace_f_hat(pipe):
+def test_callback_sees_and_can_replace_the_latents(pipe):
     seen = []
 
     def record(p, step, timestep, kwargs):
-        seen.append((step, tuple(kwargs["f_hat"].shape)))
+        seen.append((step, timestep, tuple(kwargs["latents"].shape), len(kwargs["token_maps"])))
         return kwargs
 
-    pipe(class_labels=[1, 2], callback_on_step_end=record, callback_on_step_end_tensor_inputs=["f_hat"])
-    assert seen == [(0, (2, 8, 4, 4)), (1, (2, 8, 4, 4)), (2, (2, 8, 4, 4))]
+    pipe(class_labels=[1, 2], callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents", "token_maps"])
+    assert seen == [(0, 0, (2, 8, 4, 4), 1), (1, 1, (2, 8, 4, 4), 2), (2, 2, (2, 8, 4, 4), 3)]
+    assert pipe.num_timesteps == 3
 
     def zero_last(p, step, timestep, kwargs):
-        return {"f_hat": torch.zeros_like(kwargs["f_hat"])} if step == 2 else kwargs
+        return {"latents": torch.zeros_like(kwargs["latents"])} if step == 2 else kwargs
 
     zeroed = pipe(
-        class_labels=[1], output_type="pt", callback_on_step_end=zero_last, callback_on_step_end_tensor_inputs=["f_hat"]
+        class_labels=[1],
+        output_type="pt",
+        callback_on_step_end=zero_last,
+        callback_on_step_end_tensor_inputs=["latents"],
     ).images
     expected = (pipe.vqvae.decode(torch.zeros(1, 8, 4, 4)).clamp(-1, 1) + 1) / 2
     torch.testing.assert_close(zeroed, expected)
     with pytest.raises(ValueError, match="may only name"):
         pipe(class_labels=1, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["logits"])
+
+
+def test_a_callback_can_change_guidance_for_the_remaining_scales(pipe):
+    def guidance_off_after_scale_0(p, step, timestep, kwargs):
+        p._guidance_scale = 1.0
+        return kwargs
+
+    switched = pipe(class_labels=[1, 2], guidance_scale=8.0, top_k=1, output_type="latent", generator=_seed(),
+                    callback_on_step_end=guidance_off_after_scale_0)  # fmt: skip
+    unguided = pipe(class_labels=[1, 2], guidance_scale=1.0, top_k=1, output_type="latent", generator=_seed())
+    assert pipe.guidance_scale == 1.0
+    # greedy: scale 0 is unguided under the linear ramp, and the rest ran without guidance, so all scales agree
+    assert all(torch.equal(a, b) for a, b in zip(switched.token_maps, unguided.token_maps))
+
+    def raise_guidance(p, step, timestep, kwargs):
+        p._guidance_scale += 1.0
+        return kwargs
+
+    pipe(class_labels=1, guidance_scale=2.0, callback_on_step_end=raise_guidance, generator=_seed())
+    assert pipe.guidance_scale == 2.0 + pipe.num_timesteps  # what diffusers' test_callback_cfg checks
+    with pytest.raises(ValueError, match="must stay 1.0 in a call that started without guidance"):
+        pipe(class_labels=1, guidance_scale=1.0, callback_on_step_end=raise_guidance)
+
+
+def test_interrupt_decodes_the_coarser_image_it_has(pipe):
+    def stop_after_scale_1(p, step, timestep, kwargs):
+        p._interrupt = step == 1
+        return kwargs
+
+    out = pipe(class_labels=[3], output_type="pt", generator=_seed(), callback_on_step_end=stop_after_scale_1)
+    assert [tuple(t.shape) for t in out.token_maps] == [(1, 1, 1), (1, 2, 2)]
+    f_hat = sum(  # the two finished scales' contributions alone
+        pipe.vqvae.quantizer.scale_contribution(pipe.vqvae.quantizer.embed(t), si)
+        for si, t in enumerate(out.token_maps)
+    )
+    torch.testing.assert_close(out.images, (pipe.vqvae.decode(f_hat).clamp(-1, 1) + 1) / 2)
+
+
+def test_diffusers_pipeline_callbacks_work(pipe):
+    from diffusers.callbacks import PipelineCallback
+
+    class GuidanceCutoff(PipelineCallback):
+        """Switch guidance off after a fraction of the scales, as diffusers' CFG cut-off callbacks do."""
+
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
+                pipeline._guidance_scale = 1.0
+            return callback_kwargs
+
+    cutoff = pipe(class_labels=[1, 2], guidance_scale=8.0, top_k=1, output_type="latent", generator=_seed(),
+                  callback_on_step_end=GuidanceCutoff(cutoff_step_ratio=0.0))  # fmt: skip
+    unguided = pipe(class_labels=[1, 2], guidance_scale=1.0, top_k=1, output_type="latent", generator=_seed())
+    assert all(torch.equal(a, b) for a, b in zip(cutoff.token_maps, unguided.token_maps))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -212,7 +268,7 @@ def test_nan_in_the_decoder_raises_naming_it(output_type):
         pipe.vqvae.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"decoder \(vqvae.decoder\) produced NaN or inf pixels in 2 of 2"):
         pipe(class_labels=[1, 2], output_type=output_type, generator=_seed())
-    token_maps = pipe(class_labels=[1], output_type="latent", generator=_seed()).images  # no decode, no error
+    token_maps = pipe(class_labels=[1], output_type="latent", generator=_seed()).token_maps  # no decode, no error
     with pytest.raises(NonFiniteError, match="decoder"):
         pipe.vqvae.detokenize(token_maps)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_transformer
 
-from diffusers_var import VARConfig, VARTransformer
+from diffusers_var import VARConfig, VARTransformer, VARTransformerOutput
 
 LABELS = torch.tensor([3, 7])
 
@@ -143,3 +143,95 @@ def test_resize_class_embedding_keeps_classes_and_the_null_row(tmp_path, new_cla
     assert reloaded.config.num_classes == new_classes and torch.equal(reloaded.class_embedding.weight, weight)
     with pytest.raises(ValueError, match="num_classes must be ≥ 1"):
         model.resize_class_embedding(0)
+
+
+# -- the transformers model API ---------------------------------------------------------------------------------------
+
+
+def test_cached_calls_go_through_forward_and_return_the_cache():
+    model = tiny_transformer()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        full = model(LABELS, inputs).logits
+        cache = model.allocate_kv_cache(2)
+        out = model(LABELS, None, kv_cache=cache, scale_index=0)
+        assert out.cache is cache and out.logits.shape == (2, 1, 32)
+        begin, end = model.begin_ends[1]
+        second = model(LABELS, inputs[:, begin - 1 : end - 1], kv_cache=cache, scale_index=1).logits
+    torch.testing.assert_close(second, full[:, begin:end], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pass kv_cache as well"):
+        model(LABELS, inputs, scale_index=0)
+    with pytest.raises(ValueError, match="labels .* need teacher forcing"):
+        model(LABELS, None, labels=torch.zeros(2, 21, dtype=torch.long), kv_cache=model.allocate_kv_cache(2),
+              scale_index=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"Scale 2 needs an input of shape \(2, 16, 8\)"):
+        model(LABELS, None, kv_cache=cache, scale_index=2)  # the cache holds scales 0-1, but no input is given
+    with pytest.raises(ValueError, match=r"scale_index must be in \[0, 3\)"):
+        model(LABELS, None, kv_cache=cache, scale_index=3)
+
+
+def test_config_aliases_and_output_defaults_follow_transformers():
+    model = tiny_transformer()
+    config = model.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (32, 2, 2)
+    config.num_hidden_layers = 3  # an alias writes the real field
+    assert config.depth == 3
+    config.num_hidden_layers = 2
+    inputs = _inputs(model)
+    with torch.no_grad():
+        assert model(LABELS, inputs).hidden_states is None
+        model.set_attn_implementation("eager")  # transformers allows output_attentions in the config only for eager
+        config.output_hidden_states, config.output_attentions = True, True
+        out = model(LABELS, inputs)
+        assert len(out.hidden_states) == 3 and len(out.attentions) == 2
+        config.return_dict = False
+        assert isinstance(model(LABELS, inputs), tuple)
+        assert isinstance(model(LABELS, inputs, return_dict=True), VARTransformerOutput)
+
+
+def test_attention_weights_show_which_scales_a_token_sees():
+    model = tiny_transformer()
+    inputs = _inputs(model)
+    with torch.no_grad():
+        out = model(LABELS, inputs, output_attentions=True)
+    weights = out.attentions[0]
+    assert len(out.attentions) == 2 and weights.shape == (2, 2, 21, 21)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 21))
+    visible = model.block_causal_mask(torch.float32) == 0
+    assert (weights[..., ~visible] == 0).all() and (weights[..., visible] > 0).all()
+    # the cached path returns each scale's weights over every position cached so far
+    with torch.no_grad():
+        cache = model.allocate_kv_cache(2)
+        model(LABELS, None, kv_cache=cache, scale_index=0)
+        begin, end = model.begin_ends[1]
+        cached = model(LABELS, inputs[:, begin - 1 : end - 1], kv_cache=cache, scale_index=1, output_attentions=True)
+    torch.testing.assert_close(cached.attentions[0], weights[:, :, begin:end, :end], atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_agree_and_the_setting_is_honoured(monkeypatch):
+    model = tiny_transformer()
+    inputs = _inputs(model)
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sdpa = model(LABELS, inputs).logits
+        model.set_attn_implementation("eager")
+        calls = []
+        real_softmax = torch.Tensor.softmax
+        monkeypatch.setattr(
+            torch.Tensor, "softmax", lambda self, *a, **k: calls.append(1) or real_softmax(self, *a, **k)
+        )
+        eager = model(LABELS, inputs).logits
+    assert len(calls) >= 2, "attn_implementation='eager' did not run the eager attention"
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_input_embeddings_and_input_require_grads():
+    model = tiny_transformer()
+    assert model.get_input_embeddings() is model.input_proj
+    replacement = torch.nn.Linear(8, 32)
+    model.set_input_embeddings(replacement)
+    assert model.input_proj is replacement
+    model.requires_grad_(False)
+    model.enable_input_require_grads()  # what PEFT calls for gradient checkpointing over a frozen base
+    out = model(LABELS, _inputs(model))
+    assert out.logits.requires_grad

@@ -112,9 +112,14 @@ class MultiScaleResidualQuantizer(nn.Module):
 
     # -- single steps of the pyramid -----------------------------------------------------------------------------
 
+    def codebook(self, device: torch.device) -> torch.Tensor:
+        """All V code vectors (V, C), read through the embedding's call, where offload and casting hooks place the
+        weight (reading ``embedding.weight`` directly would find it on the meta device under sequential offload)."""
+        return self.embedding(torch.arange(self.vocab_size, device=device))
+
     def nearest_codes(self, z: torch.Tensor) -> torch.LongTensor:
         """Index of the nearest code for each row of z (N, C)."""
-        codebook = self.embedding.weight.detach()
+        codebook = self.codebook(z.device).detach()
         if self.use_znorm:
             return torch.argmax(F.normalize(z, dim=-1) @ F.normalize(codebook, dim=-1).T, dim=1)
         squared = z.square().sum(dim=1, keepdim=True) + codebook.square().sum(dim=1)
@@ -126,7 +131,7 @@ class MultiScaleResidualQuantizer(nn.Module):
 
     def embed_soft(self, weights: torch.Tensor, side: int) -> torch.Tensor:
         """A convex mix of codes, weights (B, pn², V) → (B, C, pn, pn); used by Gumbel smoothing."""
-        mixed = weights @ self.embedding.weight.unsqueeze(0)
+        mixed = weights @ self.codebook(weights.device).unsqueeze(0)
         return mixed.transpose(1, 2).reshape(weights.shape[0], self.z_channels, side, side)
 
     def scale_contribution(self, embedded: torch.Tensor, scale_index: int) -> torch.Tensor:

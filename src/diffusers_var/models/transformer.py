@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .loading import load_strictly
@@ -60,6 +61,8 @@ class VARConfig(PretrainedConfig):
     """
 
     model_type = "var"
+    # the names transformers' tools and tests look for
+    attribute_map = {"hidden_size": "embed_dim", "num_attention_heads": "num_heads", "num_hidden_layers": "depth"}
 
     def __init__(
         self,
@@ -118,13 +121,20 @@ class VARTransformerOutput(ModelOutput):
 
     Attributes:
         loss: cross-entropy over all L positions, when ``labels`` are given.
-        logits: (B, L, V) next-scale logits.
+        logits: (B, L, V) next-scale logits; with a ``kv_cache``, (B, pn², V) for the one scale computed.
+        cache: the :class:`VARKVCache` a cached call filled (``None`` in teacher forcing); transformers 5 names
+            this field ``cache`` (formerly ``past_key_values``).
         hidden_states: the input of the first block and the output of every block, when asked for.
+        attentions: each block's attention weights (B, H, queries, keys), when asked for. In teacher forcing the
+            keys are all L positions and the block-causal mask zeroes the finer scales; in a cached call they are
+            the positions of every scale so far.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    cache: VARKVCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class VARKVCache:
@@ -159,19 +169,67 @@ class VARKVCache:
         """Mark a scale's tokens as filled once every block has written them."""
         self.length += num_tokens
 
+    def clone(self) -> VARKVCache:
+        """An independent copy (the filled prefix is copied), e.g. to branch one partial sample into several."""
+        copy = object.__new__(VARKVCache)
+        copy.keys = [k.clone() for k in self.keys]
+        copy.values = [v.clone() for v in self.values]
+        copy.length = self.length
+        return copy
+
+    def select(self, index: torch.LongTensor) -> VARKVCache:
+        """A new cache holding only the rows ``index`` (of the batch dimension), e.g. to keep the best branches."""
+        copy = object.__new__(VARKVCache)
+        copy.keys = [k.index_select(0, index) for k in self.keys]
+        copy.values = [v.index_select(0, index) for v in self.values]
+        copy.length = self.length
+        return copy
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, returning the weights: (B, L, H, d) output and (B, H, L, keys) weights."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = weights.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class QKVProjection(nn.Linear):
+    """The fused query/key/value projection. Its bias is the attention's (keys have none), passed in, so that the
+    weight is only read inside this module's call, where offload and casting hooks place it."""
+
+    def forward(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(hidden, self.weight, bias)
+
 
 class VARAttention(nn.Module):
-    """Multi-head self-attention; keys carry no bias. With ``attn_l2_norm``, cosine attention with a learned scale."""
+    """Multi-head self-attention; keys carry no bias. With ``attn_l2_norm``, cosine attention with a learned scale.
+
+    ``config._attn_implementation`` picks the kernel (``"sdpa"`` by default, or ``"eager"``); asking for the
+    attention weights runs the eager path for that call.
+    """
 
     is_causal = False  # the block-causal mask is passed explicitly
 
     def __init__(self, config: VARConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
         self.head_dim = config.embed_dim // config.num_heads
         self.l2_norm = config.attn_l2_norm
-        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=False)
+        self.qkv = QKVProjection(config.embed_dim, 3 * config.embed_dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(config.embed_dim))
         self.v_bias = nn.Parameter(torch.zeros(config.embed_dim))
         if self.l2_norm:
@@ -189,21 +247,31 @@ class VARAttention(nn.Module):
         hidden: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         kv_cache: VARKVCache | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, channels = hidden.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(hidden, self.qkv.weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(hidden, bias).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
         if self.l2_norm:
             query = F.normalize(query, dim=-1) * self.logit_scale.clamp_max(_MAX_LOGIT_SCALE).exp()
             key = F.normalize(key, dim=-1)
         if kv_cache is not None:
             key, value = kv_cache.update(self.layer_idx, key, value)
-        dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        out, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scale,
+            is_causal=False,
         )
-        return self.out_dropout(self.out_proj(out.transpose(1, 2).reshape(batch, length, channels)))
+        out = self.out_dropout(self.out_proj(out.reshape(batch, length, channels)))
+        return out, weights if output_attentions else None
 
 
 class VARMLP(nn.Module):
@@ -259,15 +327,18 @@ class VARBlock(GradientCheckpointingLayer):
         modulation: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         kv_cache: VARKVCache | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if hasattr(self, "scale_shift_table"):
             modulation = self.scale_shift_table + modulation
         else:
             modulation = self.adaln(F.silu(modulation)).view(-1, 1, 6, hidden.shape[-1])
         gate_attn, gate_mlp, scale_attn, scale_mlp, shift_attn, shift_mlp = modulation.unbind(2)
-        attended = self.attn(self.norm(hidden) * (1 + scale_attn) + shift_attn, attn_mask, kv_cache)
+        normed = self.norm(hidden) * (1 + scale_attn) + shift_attn
+        attended, weights = self.attn(normed, attn_mask, kv_cache, output_attentions)
         hidden = hidden + self.drop_path(attended * gate_attn)
-        return hidden + self.drop_path(self.mlp(self.norm(hidden) * (1 + scale_mlp) + shift_mlp) * gate_mlp)
+        hidden = hidden + self.drop_path(self.mlp(self.norm(hidden) * (1 + scale_mlp) + shift_mlp) * gate_mlp)
+        return hidden, weights
 
 
 class VARPreTrainedModel(PreTrainedModel):
@@ -409,13 +480,17 @@ class VARTransformer(VARPreTrainedModel):
 
     # -- pieces shared by training and sampling ----------------------------------------------------------------------
 
-    def _check_class_labels(self, class_labels: torch.Tensor) -> None:
+    def _check_class_labels(self, class_labels: torch.Tensor, check_range: bool = True) -> None:
         if class_labels.ndim != 1 or class_labels.is_floating_point() or class_labels.dtype == torch.bool:
             raise ValueError(
                 f"class_labels must be a 1-D integer tensor of class ids, got shape {tuple(class_labels.shape)} of "
                 f"{class_labels.dtype}."
             )
-        if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > self.config.num_classes):
+        if (
+            check_range
+            and class_labels.numel()
+            and (class_labels.min() < 0 or class_labels.max() > self.config.num_classes)
+        ):
             raise ValueError(
                 f"class_labels must lie in [0, {self.config.num_classes}] ({self.config.num_classes} is the null "
                 f"class), got min {int(class_labels.min())}, max {int(class_labels.max())}."
@@ -468,61 +543,143 @@ class VARTransformer(VARPreTrainedModel):
         self.class_embedding = nn.Embedding.from_pretrained(weight, freeze=False)
         self.config.num_classes = num_classes
 
-    # -- training: all scales at once ------------------------------------------------------------------------------
+    # -- embeddings, as transformers' tools expect them ------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The word embedding of the token inputs (the official ``word_embed``): f̂ features (Cvae) → C. It is what
+        ``enable_input_require_grads()`` hooks, so gradient checkpointing works with a frozen base (PEFT)."""
+        return self.input_proj
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.input_proj = value
+
+    # -- the forward pass: every scale at once (training), or one scale against the KV cache (sampling) ------------
 
     def forward(
         self,
         class_labels: torch.LongTensor,
-        next_scale_inputs: torch.Tensor,
+        next_scale_inputs: torch.Tensor | None = None,
         labels: torch.LongTensor | list[torch.LongTensor] | None = None,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        *,
+        output_attentions: bool | None = None,
+        kv_cache: VARKVCache | None = None,
+        scale_index: int | None = None,
     ) -> VARTransformerOutput | tuple:
-        r"""Teacher-forced logits for all L positions.
+        r"""Next-scale logits: teacher-forced for all L positions, or cached for one scale.
 
         Args:
             class_labels: (B,) class ids; ``num_classes`` is the null class. Dropped for guidance in training.
-            next_scale_inputs: (B, L − first_l, Cvae), from :meth:`MultiScaleVQVAE.next_scale_inputs`.
+            next_scale_inputs: teacher forcing: (B, L − first_l, Cvae), from
+                :meth:`MultiScaleVQVAE.next_scale_inputs`. Cached: this scale's input, f̂ so far area-pooled to the
+                scale (B, pn², Cvae), from :meth:`MultiScaleVQVAE.scale_input`; ``None`` for scale 0.
             labels: target token ids for the loss: (B, L) (all token maps flattened and concatenated), or the
-                list of (B, pn, pn) token maps that ``MultiScaleVQVAE.tokenize`` returns.
+                list of (B, pn, pn) token maps that ``MultiScaleVQVAE.tokenize`` returns. Teacher forcing only.
+            output_hidden_states, output_attentions, return_dict: as in transformers; ``None`` takes the config's.
+                Attention weights come from the eager kernel, whatever ``attn_implementation`` says.
+            kv_cache: a :class:`VARKVCache` (:meth:`allocate_kv_cache`) to sample one scale at a time, as
+                transformers models take a ``cache``; filled in place and returned as the output's ``cache``.
+            scale_index: with ``kv_cache``, the scale to predict; scales run in order from 0.
+
+        Example:
+            ```py
+            >>> cache = model.allocate_kv_cache(batch_size=2)
+            >>> logits = model(class_labels, None, kv_cache=cache, scale_index=0).logits  # (2, 1, V)
+            ```
         """
-        self._check_class_labels(class_labels)
-        batch = class_labels.shape[0]
-        expected = (batch, self.num_tokens - self.first_l, self.config.latent_channels)
-        if tuple(next_scale_inputs.shape) != expected:
-            raise ValueError(
-                f"next_scale_inputs must have shape {expected} (B, L - first_l, Cvae) for patch_nums="
-                f"{self.patch_nums}, got {tuple(next_scale_inputs.shape)}."
-            )
-        condition = self.class_embedding(self.drop_class_labels(class_labels))
-        device = condition.device
-        words = self.input_proj(next_scale_inputs.to(condition.dtype))
-        hidden = torch.cat((self._class_tokens(condition), words), dim=1) + self._position_codes(
-            0, self.num_tokens, device
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        mask = self.block_causal_mask(hidden.dtype, device)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if kv_cache is None:
+            if scale_index is not None:
+                raise ValueError("scale_index selects a scale of a cached call; pass kv_cache as well.")
+            self._check_class_labels(class_labels)
+            condition = self.class_embedding(self.drop_class_labels(class_labels))
+            hidden = self._teacher_forcing_tokens(condition, next_scale_inputs)
+            mask = self.block_causal_mask(hidden.dtype, hidden.device)
+        else:
+            if labels is not None:
+                raise ValueError("labels (a training loss) need teacher forcing: call without kv_cache.")
+            self._check_class_labels(class_labels, check_range=False)  # per scale: no device sync
+            condition = self.class_embedding(class_labels)
+            hidden = self._scale_tokens(condition, next_scale_inputs, kv_cache, scale_index)
+            mask = None  # a scale sees all of itself and every cached coarser scale
         modulation = self._modulation(condition)
         all_hidden = (hidden,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for block in self.blocks:
-            hidden = block(hidden, modulation, mask)
+            hidden, weights = block(hidden, modulation, mask, kv_cache, output_attentions)
             if output_hidden_states:
                 all_hidden += (hidden,)
+            if output_attentions:
+                all_attentions += (weights,)
+        if kv_cache is not None:
+            kv_cache.advance(hidden.shape[1])
         logits = self._logits(hidden, condition)
+        loss = None if labels is None else self._loss(logits, labels)
+        output = VARTransformerOutput(
+            loss=loss,
+            logits=logits,
+            cache=kv_cache,
+            hidden_states=all_hidden,
+            attentions=all_attentions,
+        )
+        return output if return_dict else output.to_tuple()
 
-        loss = None
-        if labels is not None:
-            if isinstance(labels, (list, tuple)):
-                labels = torch.cat([t.flatten(1) for t in labels], dim=1)
-            if tuple(labels.shape) != (batch, self.num_tokens):
-                raise ValueError(f"labels must have shape ({batch}, {self.num_tokens}), got {tuple(labels.shape)}.")
-            loss = F.cross_entropy(
-                logits.view(-1, self.config.vocab_size),
-                labels.reshape(-1),
-                label_smoothing=self.config.label_smoothing,
+    def _teacher_forcing_tokens(self, condition: torch.Tensor, next_scale_inputs: torch.Tensor | None) -> torch.Tensor:
+        """All L positions: the class token(s), then every finer scale's word-embedded input, plus position codes."""
+        batch = condition.shape[0]
+        expected = (batch, self.num_tokens - self.first_l, self.config.latent_channels)
+        if next_scale_inputs is None or tuple(next_scale_inputs.shape) != expected:
+            got = None if next_scale_inputs is None else tuple(next_scale_inputs.shape)
+            raise ValueError(
+                f"next_scale_inputs must have shape {expected} (B, L - first_l, Cvae) for patch_nums="
+                f"{self.patch_nums}, got {got}."
             )
-        if not return_dict:
-            return tuple(v for v in (loss, logits, all_hidden) if v is not None)
-        return VARTransformerOutput(loss=loss, logits=logits, hidden_states=all_hidden)
+        words = self.input_proj(next_scale_inputs.to(condition.dtype))
+        tokens = torch.cat((self._class_tokens(condition), words), dim=1)
+        return tokens + self._position_codes(0, self.num_tokens, condition.device)
+
+    def _scale_tokens(
+        self,
+        condition: torch.Tensor,
+        scale_input: torch.Tensor | None,
+        kv_cache: VARKVCache,
+        scale_index: int | None,
+    ) -> torch.Tensor:
+        """One scale's positions: the class token(s) at scale 0, else the word-embedded input, plus position codes."""
+        if scale_index is None or not 0 <= scale_index < len(self.patch_nums):
+            raise ValueError(f"scale_index must be in [0, {len(self.patch_nums)}) with a kv_cache, got {scale_index}.")
+        begin, end = self.begin_ends[scale_index]
+        if kv_cache.length != begin:
+            raise ValueError(
+                f"Scale {scale_index} needs the first {begin} positions cached; the cache holds {kv_cache.length}."
+            )
+        if scale_index == 0:
+            tokens = self._class_tokens(condition)
+        else:
+            side = self.patch_nums[scale_index]
+            expected = (condition.shape[0], side * side, self.config.latent_channels)
+            if scale_input is None or tuple(scale_input.shape) != expected:
+                got = None if scale_input is None else tuple(scale_input.shape)
+                raise ValueError(f"Scale {scale_index} needs an input of shape {expected} (B, pn², Cvae), got {got}.")
+            tokens = self.input_proj(scale_input.to(condition.dtype))
+        return tokens + self._position_codes(begin, end, condition.device)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.LongTensor | list[torch.LongTensor]) -> torch.Tensor:
+        if isinstance(labels, (list, tuple)):
+            labels = torch.cat([t.flatten(1) for t in labels], dim=1)
+        batch = logits.shape[0]
+        if tuple(labels.shape) != (batch, self.num_tokens):
+            raise ValueError(f"labels must have shape ({batch}, {self.num_tokens}), got {tuple(labels.shape)}.")
+        return F.cross_entropy(
+            logits.view(-1, self.config.vocab_size),
+            labels.reshape(-1),
+            label_smoothing=self.config.label_smoothing,
+        )
 
     # -- sampling: one scale at a time -----------------------------------------------------------------------------
 
@@ -537,27 +694,6 @@ class VARTransformer(VARPreTrainedModel):
         scale_input: torch.Tensor | None,
         kv_cache: VARKVCache,
     ) -> torch.Tensor:
-        r"""Logits (B, pn², V) for scale ``scale_index``, attending to the cached coarser scales.
-
-        Args:
-            class_labels: (B,) class ids, including null-class rows for guidance.
-            scale_index: which scale to predict; scales must be run in order from 0.
-            scale_input: ``None`` for scale 0, else f̂ so far area-pooled to this scale, (B, pn², Cvae).
-            kv_cache: from :meth:`allocate_kv_cache`; filled in place.
-        """
-        begin, end = self.begin_ends[scale_index]
-        if kv_cache.length != begin:
-            raise ValueError(
-                f"Scale {scale_index} needs the first {begin} positions cached; the cache holds {kv_cache.length}."
-            )
-        condition = self.class_embedding(class_labels)
-        if scale_index == 0:
-            hidden = self._class_tokens(condition)
-        else:
-            hidden = self.input_proj(scale_input.to(condition.dtype))
-        hidden = hidden + self._position_codes(begin, end, condition.device)
-        modulation = self._modulation(condition)
-        for block in self.blocks:
-            hidden = block(hidden, modulation, None, kv_cache)
-        kv_cache.advance(end - begin)
-        return self._logits(hidden, condition)
+        r"""Logits (B, pn², V) for scale ``scale_index``: ``self(class_labels, scale_input, kv_cache=kv_cache,
+        scale_index=scale_index).logits``, through ``forward`` so that hooks (offloading, casting) see it."""
+        return self(class_labels, scale_input, kv_cache=kv_cache, scale_index=scale_index, return_dict=True).logits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from ..validation import NonFiniteError
 from .autoencoder_blocks import Decoder, Encoder
@@ -31,6 +33,27 @@ def check_decoded_images(images: torch.Tensor) -> torch.Tensor:
             "the tokenizer again, or decode in float32."
         )
     return images
+
+
+def keep_on_execution_device(method):
+    """For the per-scale steps of the sampling loop: like diffusers' ``apply_forward_hook``, an offload hook brings
+    the tokenizer to the execution device, but under model offload without sending the transformer back to the CPU
+    (both run at every scale; the decoder's ``apply_forward_hook`` sends it back once the loop is done)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None:
+            from accelerate.hooks import CpuOffload
+
+            if isinstance(hook, CpuOffload):
+                if next(self.parameters()).device != torch.device(hook.execution_device):
+                    self.to(hook.execution_device)
+            elif hasattr(hook, "pre_forward"):
+                hook.pre_forward(self)
+        return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -240,11 +263,13 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
 
     # -- the public path ------------------------------------------------------------------------------------------
 
+    @apply_forward_hook
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] → continuous latents f (B, z_channels, h, w), before quantisation."""
         images = self._check_images(images)
         return self.quant_conv(self.encoder(images))
 
+    @apply_forward_hook
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Quantised latents f̂ → images, not clamped. NaN or inf pixels raise :class:`NonFiniteError` naming the
         decoder, except in a training step (training mode with gradients), where the loss shows them without a
@@ -255,20 +280,24 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         return check_decoded_images(images)
 
     @torch.no_grad()
+    @apply_forward_hook
     def tokenize(self, images: torch.Tensor) -> list[torch.LongTensor]:
         """Images (B, 3, H, W) in [-1, 1] → one (B, pn, pn) token map per scale."""
         token_maps, _ = self.quantizer.quantize(self.encode(images))
         return token_maps
 
+    @apply_forward_hook
     def token_maps_to_fhat(self, token_maps: list[torch.LongTensor]) -> torch.Tensor:
         """Token maps → f̂ (B, z_channels, h, w), the sum of every scale's contribution."""
         self.check_token_maps(token_maps)
         return self.quantizer.token_maps_to_fhat(token_maps)
 
+    @apply_forward_hook
     def detokenize(self, token_maps: list[torch.LongTensor]) -> torch.Tensor:
         """Token maps → images (B, 3, H, W) in [-1, 1]; NaN or inf pixels raise :class:`NonFiniteError`."""
         return self.decode(self.token_maps_to_fhat(token_maps)).clamp(-1, 1)
 
+    @apply_forward_hook
     def next_scale_inputs(self, token_maps: list[torch.LongTensor]) -> torch.Tensor:
         """Token maps → the transformer's teacher-forcing input (B, L − first_l, z_channels)."""
         self.check_token_maps(token_maps)
@@ -276,6 +305,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
 
     # -- autoregressive sampling, one scale at a time ---------------------------------------------------------------
 
+    @keep_on_execution_device
     def accumulate_scale(
         self,
         f_hat: torch.Tensor,
@@ -295,6 +325,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         return self.quantizer.downsample(f_hat, scale_index).flatten(2).transpose(1, 2)
 
     @torch.no_grad()
+    @apply_forward_hook
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Tokenize and detokenize in one pass (the tokenizer's reconstruction), in [-1, 1]."""
         _, f_hats = self.quantizer.quantize(self.encode(images))

@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
 from ..hub import download_snapshot, push_pipeline_to_hub
@@ -19,6 +20,7 @@ from ..pretrained import BUNDLED_MODELS, bundled_model_path
 from ..saving import install_pipeline_save, save_folder
 from ..schedulers.scale import VARScaleScheduler
 from ..validation import NonFiniteError, check_generator, check_integer, class_label_entries
+from .state import VARSamplingState
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -29,12 +31,14 @@ class VARPipelineOutput(BaseOutput):
 
     Attributes:
         images: PIL images, a (B, H, W, 3) array or a (B, 3, H, W) tensor in [0, 1]; with ``output_type="latent"``,
-            the sampled token maps, one (B, pn, pn) tensor per scale.
-        class_labels: the class id of each image, (B,).
+            the latents f̂ (B, Cvae, h, w) that ``pipe.vqvae.decode`` turns into images in [-1, 1].
+        class_labels: the class id of each image, (B,) (``num_classes`` for an unconditional one).
+        token_maps: the sampled codes, one (B, pn, pn) tensor per scale (fewer if a callback interrupted the call).
     """
 
-    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | list[torch.LongTensor]
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     class_labels: torch.LongTensor
+    token_maps: list[torch.LongTensor] | None = None
 
 
 def check_components(vqvae: MultiScaleVQVAE, transformer: VARTransformer, scheduler: VARScaleScheduler) -> None:
@@ -83,8 +87,10 @@ class VARPipeline(DiffusionPipeline):
         ```
     """
 
+    # The transformer and the tokenizer's quantizer both run at every scale; under model offload the tokenizer joins
+    # the transformer on the device for the loop, and the transformer leaves when the decoder runs.
     model_cpu_offload_seq = "transformer->vqvae"
-    _callback_tensor_inputs = ["f_hat"]
+    _callback_tensor_inputs = ["latents", "token_maps"]
 
     def __init__(
         self,
@@ -139,12 +145,87 @@ class VARPipeline(DiffusionPipeline):
         uniform = torch.full((1, num_classes), 1.0 / num_classes, device=device)
         return torch.multinomial(uniform, count, replacement=True, generator=generator).reshape(count).cpu()
 
-    # -- sampling --------------------------------------------------------------------------------------------------
+    # -- the sampling loop: one state, stepped one scale at a time -------------------------------------------------
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance of the running call; a callback may change it for the remaining scales."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of scales of the running call (one step per scale)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a callback to stop after the current scale and decode what there is."""
+        return self._interrupt
+
+    def prepare_sampling_state(
+        self, class_labels: torch.LongTensor, guided: bool, device: torch.device | None = None
+    ) -> VARSamplingState:
+        """A state before the first scale for samples of ``class_labels`` (with null-class rows if ``guided``)."""
+        device = device or self._execution_device
+        class_labels = class_labels.to(device)
+        null = torch.full_like(class_labels, self.transformer.config.num_classes)
+        model_labels = torch.cat((class_labels, null)) if guided else class_labels
+        side = self.vqvae.config.patch_nums[-1]
+        latents = torch.zeros(
+            class_labels.shape[0], self.vqvae.config.z_channels, side, side, dtype=self.vqvae.dtype, device=device
+        )
+        kv_cache = self.transformer.allocate_kv_cache(model_labels.shape[0], device=device)
+        return VARSamplingState(class_labels, model_labels, kv_cache, latents)
+
+    def sample_next_scale(
+        self,
+        state: VARSamplingState,
+        guidance_scale: float = 2.5,
+        top_k: int | None = 900,
+        top_p: float | None = 0.96,
+        temperature: float = 1.0,
+        more_smooth: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> VARSamplingState:
+        """Sample the state's next scale in place: the transformer's logits against the cache, the scheduler's draw,
+        and the tokenizer adding the new tokens to the latents. Returns the state."""
+        si = state.scale_index
+        if si >= self.scheduler.num_scales:
+            raise ValueError(f"The state has all {si} scales already.")
+        if guidance_scale != 1.0 and not state.guided:
+            raise ValueError(
+                "guidance_scale must stay 1.0 in a call that started without guidance (there are no unconditional "
+                "rows to guide with); start it with guidance_scale != 1 to change guidance along the way."
+            )
+        scale_input = None if si == 0 else self.vqvae.scale_input(state.latents, si)
+        if scale_input is not None and state.guided:
+            scale_input = torch.cat((scale_input, scale_input))
+        logits = self.transformer(state.model_labels, scale_input, kv_cache=state.kv_cache, scale_index=si).logits
+        if state.guided and guidance_scale == 1.0:
+            logits = logits[: state.batch_size]  # guidance switched off mid-call: the conditional rows alone
+        step = self.scheduler.step(
+            logits, si, guidance_scale, top_k, top_p, temperature, more_smooth, generator=generator
+        )
+        del logits  # keep the peak down: nothing of this scale's logits outlives its step
+        state.finite.append(step.finite)
+        state.token_maps.append(step.token_map)
+        state.latents = self.vqvae.accumulate_scale(state.latents, si, step.token_map, step.code_weights)
+        return state
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Latents f̂ → images in [0, 1] as ``output_type`` (``"latent"`` returns them as they are)."""
+        if output_type == "latent":
+            return latents
+        images = (self.vqvae.decode(latents).clamp(-1, 1) + 1) / 2  # decode raises on NaN/inf pixels
+        if output_type == "pt":
+            return images
+        images = images.permute(0, 2, 3, 1).float().cpu().numpy()
+        return self.numpy_to_pil(images) if output_type == "pil" else images
 
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
+        class_labels: int | str | list[int | str | None] | torch.Tensor | None = None,
         guidance_scale: float = 2.5,
         top_k: int | None = 900,
         top_p: float | None = 0.96,
@@ -154,7 +235,10 @@ class VARPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> VARPipelineOutput | tuple:
         r"""Generate images of the given classes.
@@ -169,9 +253,14 @@ class VARPipeline(DiffusionPipeline):
             more_smooth: the official Gumbel smoothing of the code embeddings (visualisation, not for FID).
             num_images_per_prompt: images per class label.
             generator: a ``torch.Generator`` (a CPU one reproduces the official sampler's draws), or one per image.
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the token maps).
-            callback_on_step_end: called after each scale as ``fn(pipe, scale_index, scale_index, kwargs)``;
-                may return a dict replacing tensors listed in ``callback_on_step_end_tensor_inputs``.
+            output_type: ``"pil"``, ``"np"``, ``"pt"``, or ``"latent"``: the latents f̂ (B, Cvae, h, w), which
+                ``pipe.vqvae.decode(latents)`` turns into images in [-1, 1]. The token maps are in every output's
+                ``token_maps``.
+            callback_on_step_end: called after each scale as ``fn(pipe, scale_index, scale_index, kwargs)`` with the
+                tensors named in ``callback_on_step_end_tensor_inputs`` (``"latents"``: f̂ so far; ``"token_maps"``:
+                the maps sampled so far); returning a new ``"latents"`` changes what the next scales see. A callback
+                may set ``pipe._guidance_scale`` for the remaining scales, or ``pipe._interrupt = True`` to stop and
+                decode the coarser image it has. diffusers' ``PipelineCallback`` classes work too.
 
         Defaults are the official FID settings (cfg 1.5, top-k 900, top-p 0.96).
         """
@@ -180,78 +269,47 @@ class VARPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
         check_generator(generator)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         tensor_inputs = callback_on_step_end_tensor_inputs or []
         if not set(tensor_inputs) <= set(self._callback_tensor_inputs):
-            raise ValueError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}.")
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {tensor_inputs}."
+            )
 
-        device = self._execution_device
         if class_labels is None:
             labels = self._random_class_labels(num_images_per_prompt, generator)
         else:
             labels = torch.tensor(self._class_ids(class_labels, allow_unconditional=True))
             labels = labels.repeat_interleave(num_images_per_prompt)
-        labels = labels.to(device)
-        batch = labels.shape[0]
-        check_generator(generator, batch)
-
-        guided = guidance_scale != 1.0
-        null = torch.full_like(labels, self.transformer.config.num_classes)
-        model_labels = torch.cat((labels, null)) if guided else labels
-        kv_cache = self.transformer.allocate_kv_cache(model_labels.shape[0], device=device)
-        self.scheduler.set_timesteps(device=device)
-        side = self.vqvae.config.patch_nums[-1]
-        f_hat = torch.zeros(
-            batch,
-            self.vqvae.config.z_channels,
-            side,
-            side,
-            dtype=self.vqvae.dtype,
-            device=device,
-        )
-        scale_input, token_maps, finite = None, [], []
+        check_generator(generator, labels.shape[0])
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        self._num_timesteps = self.scheduler.num_scales
+        self.scheduler.set_timesteps(device=self._execution_device)
+        state = self.prepare_sampling_state(labels, guided=guidance_scale != 1.0)
         for si in self.progress_bar(range(self.scheduler.num_scales)):
-            logits = self.transformer.forward_scale(model_labels, si, scale_input, kv_cache)
-            step = self.scheduler.step(
-                logits,
-                si,
-                guidance_scale,
-                top_k,
-                top_p,
-                temperature,
-                more_smooth,
-                generator=generator,
-            )
-            del logits  # keep the peak down: nothing of this scale's logits outlives its step
-            finite.append(step.finite)
-            token_maps.append(step.token_map)
-            f_hat = self.vqvae.accumulate_scale(f_hat, si, step.token_map, step.code_weights)
-            del step
+            if self.interrupt:
+                break
+            self.scheduler.check_sampling_args(self._guidance_scale, top_k, top_p, temperature, more_smooth)
+            self.sample_next_scale(state, self._guidance_scale, top_k, top_p, temperature, more_smooth, generator)
             if callback_on_step_end is not None:
-                tensors = {"f_hat": f_hat}
-                values = callback_on_step_end(self, si, si, {name: tensors[name] for name in tensor_inputs})
-                f_hat = values.pop("f_hat", f_hat)
-            if si + 1 < self.scheduler.num_scales:
-                scale_input = self.vqvae.scale_input(f_hat, si + 1)
-                scale_input = torch.cat((scale_input, scale_input)) if guided else scale_input
+                available = {"latents": state.latents, "token_maps": state.token_maps}
+                returned = callback_on_step_end(self, si, si, {name: available[name] for name in tensor_inputs})
+                state.latents = returned.pop("latents", state.latents)
 
-        del kv_cache, scale_input  # the cache is the largest buffer; free it before decoding
-        self._check_finite_logits(finite)
-
-        if output_type == "latent":
-            images = token_maps
-        else:
-            images = (self.vqvae.decode(f_hat).clamp(-1, 1) + 1) / 2  # decode raises on NaN/inf pixels
-            if output_type != "pt":
-                images = images.permute(0, 2, 3, 1).float().cpu().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
+        self._check_finite_logits(state.finite)
+        latents, labels, token_maps = state.latents, state.class_labels, state.token_maps
+        del state  # the KV cache is the largest buffer; free it before decoding
+        images = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (images, labels)
-        return VARPipelineOutput(images=images, class_labels=labels)
+            return (images, labels, token_maps)
+        return VARPipelineOutput(images=images, class_labels=labels, token_maps=token_maps)
 
     def _check_finite_logits(self, finite: list[torch.Tensor]) -> None:
         """Raise :class:`NonFiniteError` naming the first scale whose logits held NaN or inf (one device sync)."""
+        if not finite:
+            return
         finite = torch.stack(finite)
         if not bool(finite.all()):
             si = int((~finite).nonzero()[0])
