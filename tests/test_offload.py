@@ -103,3 +103,16 @@ def test_keep_on_execution_device_places_the_tokenizer_without_offloading_the_tr
     latents = torch.zeros(1, 8, 4, 4)
     pipe.vqvae.accumulate_scale(latents, 0, torch.zeros(1, 1, 1, dtype=torch.long))
     assert moved and offloaded == []  # brought to the execution device, and the transformer left where it is
+
+
+def test_layerwise_casting_on_the_tokenizer_samples():
+    """diffusers' layerwise casting (float8 storage, float32 compute) hooks every layer of the tokenizer; the
+    quantizer stays in full precision (it picks codes by distance)."""
+    expected = sample(tiny_pipeline())
+    pipe = tiny_pipeline()
+    pipe.vqvae.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert pipe.vqvae.decoder.conv_out.weight.dtype == torch.float8_e4m3fn
+    assert pipe.vqvae.quantizer.embedding.weight.dtype == torch.float32
+    out = sample(pipe)
+    assert all(torch.equal(a, b) for a, b in zip(out.token_maps, expected.token_maps))
+    assert torch.isfinite(out.images).all() and (out.images - expected.images).abs().max() < 0.25

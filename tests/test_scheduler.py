@@ -149,3 +149,6 @@ def test_config_round_trip(tmp_path):
     VARScaleScheduler(patch_nums=(1, 2, 4), guidance_schedule="constant").save_pretrained(tmp_path)
     loaded = VARScaleScheduler.from_pretrained(tmp_path)
     assert tuple(loaded.config.patch_nums) == (1, 2, 4) and loaded.config.guidance_schedule == "constant"
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    original = VARScaleScheduler(patch_nums=(1, 2, 4), guidance_schedule="constant")
+    assert public(loaded.config) == public(original.config)  # equal, not tuple vs list

@@ -144,6 +144,8 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
                 )
         if len(patch_nums) < 2 or list(patch_nums) != sorted(set(patch_nums)):
             raise ValueError(f"patch_nums must be at least two strictly increasing sides, got {tuple(patch_nums)}.")
+        # lists, as JSON gives them back, so that a saved and reloaded config equals this one
+        self.register_to_config(patch_nums=[int(p) for p in patch_nums], ch_mult=[int(m) for m in ch_mult])
         blocks = dict(
             z_channels=z_channels,
             ch=ch,

@@ -136,6 +136,7 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
         if len(patch_nums) < 2:
             raise ValueError(f"patch_nums needs at least two scales, got {tuple(patch_nums)}.")
+        self.register_to_config(patch_nums=[int(p) for p in patch_nums])  # as JSON gives it back: round trips equal
         self.timesteps = torch.arange(len(patch_nums))
 
     @property
