@@ -177,3 +177,33 @@ def test_grid_rows_are_labelled_once():
     assert class_name(pipe, 1) == "1: golden retriever"
     assert class_name(pipe, 2).endswith("…") and len(class_name(pipe, 2)) == 28
     assert class_name(pipe, 3) == "3"
+
+
+def test_every_flag_says_its_default():
+    import argparse
+
+    from diffusers_var import convert, generate
+
+    for add_arguments in (generate.add_arguments, convert.add_arguments):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and ("default" in action.help or "required" in action.help), action.option_strings
+
+
+def test_temperature_and_more_smooth_reach_the_pipeline(model_dir, tmp_path, monkeypatch):
+    from diffusers_var import VARPipeline
+
+    seen = {}
+    call = VARPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(VARPipeline, "__call__", spy)
+    cli_main(["generate", "--model", model_dir, "--class-labels", "1", "--num-per-class", "1", "--temperature", "0.5",
+              "--more-smooth", "--output", str(tmp_path / "g.png")])  # fmt: skip
+    assert seen["temperature"] == 0.5 and seen["more_smooth"] is True

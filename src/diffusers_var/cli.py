@@ -55,14 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     convert_parser = commands.add_parser(
         "convert",
         help="official VAR checkpoints → a VARPipeline folder",
-        description=convert.__doc__.split("\n\n")[0],
+        description=convert.__doc__.split("\n\n")[0].replace("``", ""),
     )
     convert.add_arguments(convert_parser)
     convert_parser.set_defaults(run=convert.run)
     generate_parser = commands.add_parser(
         "generate",
         help="sample class-conditional images from a VARPipeline",
-        description=generate.__doc__.split("\n\n")[0],
+        description=generate.__doc__.split("\n\n")[0].replace("``", ""),
     )
     generate.add_arguments(generate_parser)
     generate_parser.set_defaults(run=generate.generate)

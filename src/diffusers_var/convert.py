@@ -350,17 +350,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vae",
         required=True,
-        help="official tokenizer checkpoint (.pth or .safetensors)",
+        help="the official tokenizer checkpoint, e.g. vae_ch160v4096z32.pth (.pth or .safetensors; required)",
     )
     parser.add_argument(
         "--var",
         required=True,
-        help="official transformer checkpoint (.pth or .safetensors)",
+        help="the official transformer checkpoint, e.g. var_d16.pth (.pth or .safetensors; required)",
     )
     parser.add_argument(
         "--output",
         required=True,
-        help="folder to write the pipeline to: new, empty, or an earlier save (see --overwrite)",
+        help="folder to write the pipeline to: new, empty, or an earlier save (see --overwrite; required)",
     )
     parser.add_argument(
         "--overwrite",
@@ -371,9 +371,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="official hyper-parameters of a released model",
+        help="the official hyper-parameters of a released model (this or --official-config is required)",
     )
-    source.add_argument("--official-config", help="JSON with the official vqvae_kwargs and var_kwargs")
+    source.add_argument(
+        "--official-config",
+        help="a JSON file with the official vqvae_kwargs and var_kwargs, for other models (this or --preset is required)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -391,7 +394,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     from .cli import ArgumentParser, run_command
 
-    parser = ArgumentParser(prog="diffusers-var convert", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="diffusers-var convert", description=__doc__.split("\n\n")[0].replace("``", ""))
     add_arguments(parser)
     args = parser.parse_args(argv)
     run_command(parser, run, args)

@@ -227,16 +227,26 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = D
     parser.add_argument("--top-k", type=int, default=None, help="0 = off (default: the pipeline's, 900)")
     parser.add_argument("--top-p", type=float, default=None, help="1.0 = off (default: the pipeline's, 0.96)")
     parser.add_argument(
+        "--temperature", type=float, default=None, help="divides the guided logits (default: the pipeline's, 1.0)"
+    )
+    parser.add_argument(
+        "--more-smooth",
+        action="store_true",
+        help="the official Gumbel smoothing of the code embeddings, for viewing, not for FID (default: off)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="a sample depends only on (seed, class, index) (default: 0)"
     )
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)"
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="(default: fp32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute (default: fp32)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--output", default=None, help="the grid image: .png, .jpg, .webp or .tiff (default: grid.png)")
-    target.add_argument("--output-dir", default=None, help="folder for one <class>_<index>.png per sample")
+    target.add_argument(
+        "--output-dir", default=None, help="folder for one <class>_<index>.png per sample (default: a grid instead)"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing files not written by diffusers-var (default: off)"
     )
@@ -268,12 +278,13 @@ def generate(args: argparse.Namespace) -> list[Path]:
     pipe = VARPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
     pipe.set_progress_bar_config(disable=True)
     class_ids = _parse_labels(args.class_labels, pipe)
-    sampling = {
-        k: v
-        for k, v in (("guidance_scale", args.guidance_scale), ("top_k", args.top_k), ("top_p", args.top_p))
-        if v is not None
-    }
-    pipe.scheduler.check_sampling_args(sampling.get("guidance_scale", 1.0), args.top_k, args.top_p, 1.0)
+    flags = ("guidance_scale", "top_k", "top_p", "temperature")
+    sampling = {name: getattr(args, name) for name in flags if getattr(args, name, None) is not None}
+    if getattr(args, "more_smooth", False):
+        sampling["more_smooth"] = True
+    pipe.scheduler.check_sampling_args(
+        sampling.get("guidance_scale", 1.0), args.top_k, args.top_p, sampling.get("temperature", 1.0)
+    )
     # one generator per image: a sample depends only on (seed, class, index), not on batching or --class-labels
     jobs = [(c, i) for c in class_ids for i in range(args.num_per_class)]
     target = check_outputs(args, jobs)
@@ -305,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m diffusers_var.generate``: the same as ``diffusers-var generate``."""
     from .cli import ArgumentParser, run_command
 
-    parser = ArgumentParser(prog="diffusers-var generate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="diffusers-var generate", description=__doc__.split("\n\n")[0].replace("``", ""))
     add_arguments(parser)
     run_command(parser, generate, parser.parse_args(argv))
 
