@@ -375,7 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument(
         "--official-config",
-        help="a JSON file with the official vqvae_kwargs and var_kwargs, for other models (this or --preset is required)",
+        help="JSON with the official vqvae_kwargs and var_kwargs, for other models (this or --preset is required)",
     )
 
 
