@@ -78,7 +78,14 @@ def _writer_is_alive(folder: Path) -> bool:
 
 
 def _is_save_file(name: str) -> bool:
-    return name in MODEL_CONFIGS or name == PIPELINE_INDEX or bool(_WEIGHTS.match(name) or _WEIGHTS_INDEX.match(name))
+    from .remote_code import REMOTE_FILES
+
+    return (
+        name in MODEL_CONFIGS
+        or name == PIPELINE_INDEX
+        or name in REMOTE_FILES
+        or bool(_WEIGHTS.match(name) or _WEIGHTS_INDEX.match(name))
+    )
 
 
 def _looks_like_an_unmarked_staging_folder(folder: Path) -> bool:
@@ -143,14 +150,20 @@ def _our_components(index: dict | None) -> list[str]:
         for name, value in index.items()
         if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None
     }
-    ours = any(str(library).split(".")[0] == "diffusers_var" for library, _ in components.values())
+    from .remote_code import REMOTE_MODULES
+
+    ours = any(
+        str(library).split(".")[0] == "diffusers_var" or library in REMOTE_MODULES for library, _ in components.values()
+    )
     return sorted(components) if ours else []
 
 
 def foreign_entries(folder: Path) -> list[str]:
     """What in ``folder`` is not part of a previous diffusers-var pipeline save (or its allowed neighbours)."""
+    from .remote_code import REMOTE_FILES
+
     components = _our_components(_read_index(folder))
-    allowed = set(PIPELINE_NEIGHBOURS) | set(components) | ({PIPELINE_INDEX} if components else set())
+    allowed = set(PIPELINE_NEIGHBOURS) | set(components) | ({PIPELINE_INDEX, *REMOTE_FILES} if components else set())
     foreign = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(_INSIDE_PREFIX) and (entry / STAGING_MARKER).is_file():
@@ -232,9 +245,20 @@ def install_pipeline_save(staged: Path, target: Path, variant: str | None, trash
     for name in new_components:
         if (target / name).exists() and not (target / name).is_dir():
             raise ValueError(f"{target / name} is a file where the pipeline's {name}/ folder goes. Move it away.")
+    from .remote_code import REMOTE_FILES
+
     _withdraw(target / PIPELINE_INDEX, trash)
     for name in new_components:
+        for stale in REMOTE_FILES:  # generated code of an earlier remote_code save that this one lacks
+            if (target / name / stale).is_file() and not (staged / name / stale).exists():
+                (trash / name).mkdir(parents=True, exist_ok=True)
+                os.replace(target / name / stale, trash / name / f"code-{stale}")
         _replace_files(staged / name, target / name, variant, trash / name)
+    for name in REMOTE_FILES:  # the root's generated code: replaced, added or, if this save has none, removed
+        if (staged / name).is_file():
+            os.replace(staged / name, target / name)
+        elif (target / name).is_file() and old_components:
+            os.replace(target / name, trash / f"code-{name}")
     for name in sorted(set(old_components) - set(new_components)):
         folder, bin_ = target / name, trash / name
         bin_.mkdir(parents=True, exist_ok=True)

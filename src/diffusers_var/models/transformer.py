@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
+from ..remote_code import package_only
 from .loading import load_strictly
 
 # exp(logit_scale) is capped at 100, as in the official model; float32 log keeps the clamp bit-identical
@@ -350,6 +351,7 @@ class VARPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     @classmethod
+    @package_only
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """``PreTrainedModel.from_pretrained``, strict: missing, unexpected or mis-shaped weights (a damaged file,
         or a config.json that disagrees with it) raise a ValueError naming the file and the keys, where transformers

@@ -13,6 +13,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
+from ..remote_code import package_only
 from ..validation import NonFiniteError
 from .autoencoder_blocks import Decoder, Encoder
 from .loading import load_strictly
@@ -44,9 +45,7 @@ def keep_on_execution_device(method):
     def wrapper(self, *args, **kwargs):
         hook = getattr(self, "_hf_hook", None)
         if hook is not None:
-            from accelerate.hooks import CpuOffload
-
-            if isinstance(hook, CpuOffload):
+            if type(hook).__name__ == "CpuOffload":  # accelerate's model offload hook (not imported: it may be absent)
                 if next(self.parameters()).device != torch.device(hook.execution_device):
                     self.to(hook.execution_device)
             elif hasattr(hook, "pre_forward"):
@@ -173,6 +172,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         )
 
     @classmethod
+    @package_only
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """``ModelMixin.from_pretrained``, strict: missing, unexpected or mis-shaped weights (a damaged file, or a
         config.json that disagrees with it) raise a ValueError naming the file and the keys, where diffusers would

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -17,6 +18,7 @@ from ..hub import download_snapshot, push_pipeline_to_hub
 from ..models.transformer import VARTransformer
 from ..models.vqvae import MultiScaleVQVAE
 from ..pretrained import BUNDLED_MODELS, bundled_model_path
+from ..remote_code import package_only, remote_code_layout, write_remote_code
 from ..saving import install_pipeline_save, save_folder
 from ..schedulers.scale import VARScaleScheduler
 from ..validation import NonFiniteError, check_generator, check_integer, class_label_entries
@@ -322,6 +324,7 @@ class VARPipeline(DiffusionPipeline):
     # -- loading and sharing ---------------------------------------------------------------------------------------
 
     @classmethod
+    @package_only
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> VARPipeline:
         """``DiffusionPipeline.from_pretrained``, loading every component in fp32 unless ``dtype`` says otherwise.
 
@@ -329,16 +332,43 @@ class VARPipeline(DiffusionPipeline):
         tokenizer in fp32, so a pipeline saved in bf16 would come back with mixed precisions.)
 
         A bundled model's name (``"var-digits"``, see ``diffusers_var.pretrained``) loads the copy shipped in the
-        package, unless a local folder of that name exists: a folder the user made always wins.
+        package, unless a local folder of that name exists: a folder the user made always wins. A folder saved
+        with ``remote_code=True`` loads with this package's classes (no ``trust_remote_code`` needed).
         """
         name = os.fspath(pretrained_model_name_or_path)
         if name in BUNDLED_MODELS and not os.path.exists(name):
-            pretrained_model_name_or_path = str(bundled_model_path(name))
+            name = str(bundled_model_path(name))
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = torch.float32
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = name if os.path.isdir(name) else cls.download(name, **kwargs)
+        if remote_code_layout(folder):
+            pipe = cls._from_remote_code_folder(folder, kwargs.get("dtype") or kwargs.get("torch_dtype"))
+        else:
+            pipe = super().from_pretrained(folder, **kwargs)
+        pipe.register_to_config(_name_or_path=name)  # the repo id, not the snapshot it was read from
+        return pipe
 
     @classmethod
+    @package_only
+    def _from_remote_code_folder(cls, folder: str, dtype) -> VARPipeline:
+        """A ``remote_code=True`` save, loaded with the package's own classes rather than the code beside it."""
+        import json
+
+        def component_dtype(name: str) -> torch.dtype:
+            return dtype.get(name, dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
+
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+        return cls(
+            vqvae=MultiScaleVQVAE.from_pretrained(Path(folder, "vqvae"), dtype=component_dtype("vqvae")),
+            transformer=VARTransformer.from_pretrained(
+                Path(folder, "transformer"), dtype=component_dtype("transformer")
+            ).eval(),
+            scheduler=VARScaleScheduler.from_pretrained(Path(folder, "scheduler")),
+            id2label=index.get("id2label"),
+        )
+
+    @classmethod
+    @package_only
     def download(cls, pretrained_model_name: str, **kwargs) -> str:
         """Fetch a pipeline repo with ``huggingface_hub.snapshot_download`` (online, offline or from the HF cache).
 
@@ -347,7 +377,10 @@ class VARPipeline(DiffusionPipeline):
         """
         return download_snapshot(pretrained_model_name, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs) -> None:
+    @package_only
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, overwrite: bool = False, remote_code: bool = False, **kwargs
+    ) -> None:
         """``DiffusionPipeline.save_pretrained``, without ever losing a file that is not part of the save.
 
         ``save_directory`` may be new, empty, or hold an earlier pipeline save (beside ``README.md``,
@@ -355,23 +388,33 @@ class VARPipeline(DiffusionPipeline):
         ``overwrite=True``, and even then only the pipeline's own files are replaced. The save is written to a
         staging folder first, so a reader sees the old save, none, or the complete new one (see
         :mod:`diffusers_var.saving`). A ``variant`` keeps the other weights already there (e.g. the fp32 ones).
+        ``remote_code=True`` writes the code beside the weights, so the folder (or a Hub repo made from it) loads
+        where diffusers-var is not installed, with ``trust_remote_code=True`` (see :mod:`diffusers_var.remote_code`).
 
         Example:
             ```py
             >>> pipe.save_pretrained("var-d16")                  # new folder, or an earlier save of this pipeline
             >>> pipe.save_pretrained("my-repo", overwrite=True)  # beside other files, which stay
+            >>> pipe.save_pretrained("shareable", remote_code=True)
             ```
         """
         if kwargs.get("push_to_hub"):
             raise ValueError("Use pipe.push_to_hub(repo_id) to share, so the upload gets a model card.")
+
+        def write(staged: Path) -> None:
+            DiffusionPipeline.save_pretrained(self, staged, **kwargs)
+            if remote_code:
+                write_remote_code(staged)
+
         save_folder(
-            lambda staged: DiffusionPipeline.save_pretrained(self, staged, **kwargs),
+            write,
             save_directory,
             install_pipeline_save,
             variant=kwargs.get("variant"),
             overwrite=overwrite,
         )
 
+    @package_only
     def push_to_hub(
         self,
         repo_id: str,
@@ -381,8 +424,11 @@ class VARPipeline(DiffusionPipeline):
         create_pr: bool = False,
         card_template: str = "var",
         card_data: dict | None = None,
+        remote_code: bool = False,
     ) -> str:
-        """Upload the pipeline (safetensors) with a model card made from ``model_cards/<card_template>.md``."""
+        """Upload the pipeline (safetensors) with a model card made from ``model_cards/<card_template>.md``;
+        ``remote_code=True`` uploads the code too, so the repo loads without diffusers-var (``trust_remote_code``).
+        """
         return push_pipeline_to_hub(
             self,
             repo_id,
@@ -392,4 +438,5 @@ class VARPipeline(DiffusionPipeline):
             create_pr,
             card_template,
             card_data,
+            remote_code,
         )
