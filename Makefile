@@ -12,7 +12,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 transformers==5.23.0  # 5.24 needs a peft that is not released yet
 	$(PY) -m pip install -q -e ".[test,train]"
 	touch $@
 

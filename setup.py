@@ -33,8 +33,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "train": ["datasets>=3", "tensorboard"],
-        "test": ["pytest>=8", "ruff", "datasets>=3", "tensorboard", "scikit-learn>=1.3"],
+        # peft: LoRA through transformers' integration (transformers 5.23 needs peft >= 0.20, 5.24 needs >= 0.22)
+        "train": ["datasets>=3", "tensorboard", "peft>=0.20"],
+        "test": ["pytest>=8", "ruff", "datasets>=3", "tensorboard", "scikit-learn>=1.3", "peft>=0.20"],
         # examples/digits: the data (sklearn's bundled digits) and the evaluation's classifier and feature MLP
         "digits": ["scikit-learn>=1.3"],
     },

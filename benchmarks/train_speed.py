@@ -3,7 +3,8 @@
 A step is what the training scripts do per batch: for ``--target transformer`` tokenize the images with the frozen
 tokenizer, teacher-forced forward, backward, gradient clipping and AdamW; for ``--target vqvae`` the tokenizer's
 forward with its VQ loss, backward and AdamW. Tokens/s is batch × L (tokens per image, all scales) over the median
-step time of ``--repeats`` steps after ``--warmup`` untimed ones. Peak memory is measured as in
+step time of ``--repeats`` steps after ``--warmup`` untimed ones. ``--lora-rank R`` trains LoRA adapters only (as
+``train_var.py --lora_rank``); the JSON gives the trainable parameters either way. Peak memory is measured as in
 ``sample_speed.py`` (CUDA allocator peak, or the process peak RSS on CPU). Random weights time the same work as
 real ones.
 
@@ -12,6 +13,7 @@ Examples::
     python benchmarks/train_speed.py --preset var-d16 --batch-size 4 --threads 2
     python benchmarks/train_speed.py --preset var-d16 --device cuda --precision bf16 --batch-size 64
     python benchmarks/train_speed.py --tiny --target vqvae --repeats 5
+    python benchmarks/train_speed.py --model var-digits --batch-size 64 --lora-rank 4   # vs. without --lora-rank
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank only (transformer)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -71,8 +74,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.target == "transformer":
         vqvae.eval().requires_grad_(False)
         model = transformer.train()
+        if args.lora_rank:
+            from diffusers_var.lora import add_lora, lora_config
+
+            add_lora(model, lora_config(args.lora_rank))
         if args.gradient_checkpointing:
             model.activation_checkpointing_enable()
+            if args.lora_rank:
+                model.enable_input_require_grads()
 
         def loss_fn() -> torch.Tensor:
             inputs, targets = teacher_forcing_batch(vqvae, images)
@@ -107,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         "threads": torch.get_num_threads(),
         "gradient_checkpointing": args.gradient_checkpointing,
+        "lora_rank": args.lora_rank,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "tokens_per_image": tokens_per_image,
         "tokens_per_s": round(timing.pop("images_per_s") * tokens_per_image, 1),
         "images_per_s": round(args.batch_size / timing["median_s"], 4),

@@ -10,8 +10,13 @@ Train a transformer from scratch on a frozen tokenizer:
     accelerate launch examples/train_var.py --model_config var_config.json --vqvae_name_or_path tokenizer/ \\
         --dataset_name user/dataset --num_classes 10 ...
 
+Fine-tune only LoRA adapters (transformers' PEFT integration) on the attention and MLP projections:
+
+    accelerate launch examples/train_var.py --pretrained_model_name_or_path var-digits --lora_rank 4 ...
+
 The tokenizer stays frozen; training is teacher forcing over all scales (label-smoothed cross-entropy, class dropout
-for guidance). The result is a VARPipeline folder in --output_dir with a model card.
+for guidance). The result is a VARPipeline folder in --output_dir with a model card (with LoRA: the adapter, as
+adapter_model.safetensors and adapter_config.json naming the base model, which `pipe.load_lora_weights` loads).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from diffusers_var import MultiScaleVQVAE, VARConfig, VARPipeline, VARScaleScheduler, VARTransformer
-from diffusers_var.hub import load_vqvae, make_model_card, save_pretrained_into
+from diffusers_var.hub import load_vqvae, make_lora_card, make_model_card, save_pretrained_into, upload_pretrained
+from diffusers_var.lora import DEFAULT_TARGET_MODULES, add_lora, lora_config
 from diffusers_var.training.arguments import add_data_arguments, add_logging_arguments, add_training_arguments
 from diffusers_var.training.checkpoints import save_checkpoint
 from diffusers_var.training.data import (
@@ -63,6 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--class_dropout_prob", type=float, default=0.1, help="label → null class, for guidance")
     model.add_argument("--label_smoothing", type=float, default=0.0)
     model.add_argument("--gradient_checkpointing", action="store_true")
+    lora = parser.add_argument_group("LoRA (train adapters only; needs peft)")
+    lora.add_argument("--lora_rank", type=int, default=0, help="adapter rank; 0 trains the whole transformer")
+    lora.add_argument("--lora_alpha", type=float, default=None, help="adapter scale numerator (default: the rank)")
+    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=list(DEFAULT_TARGET_MODULES),
+        help=f"linear layers to adapt (default: {' '.join(DEFAULT_TARGET_MODULES)}, attention and MLP)",
+    )
     add_data_arguments(parser)
     add_training_arguments(parser, output_dir="var-output", learning_rate=1e-4)
     log = add_logging_arguments(parser)
@@ -73,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give exactly one of --pretrained_model_name_or_path or --model_config")
     if args.model_config and not args.vqvae_name_or_path:
         parser.error("--model_config needs --vqvae_name_or_path (the frozen tokenizer)")
+    if args.lora_rank < 0:
+        parser.error(f"--lora_rank must be ≥ 0 (0 = full fine-tuning), got {args.lora_rank}")
+    if args.lora_rank and args.model_config:
+        parser.error("LoRA adapts a pretrained model: use --pretrained_model_name_or_path, not --model_config")
+    if args.lora_rank and args.num_classes is not None:
+        parser.error("--num_classes with --lora_rank would leave the new class rows untrained; fine-tune fully")
     return args
 
 
@@ -99,8 +121,21 @@ def main(argv: list[str] | None = None) -> None:
         id2label = None
     transformer.config.class_dropout_prob = args.class_dropout_prob
     transformer.config.label_smoothing = args.label_smoothing
+    trainable_parameters = None
+    if args.lora_rank:
+        config = lora_config(
+            args.lora_rank,
+            args.lora_alpha,
+            args.lora_dropout,
+            args.lora_target_modules,
+            args.pretrained_model_name_or_path,
+        )
+        trainable_parameters, total = add_lora(transformer, config)
+        logger.info(f"LoRA rank {args.lora_rank}: training {trainable_parameters:,} of {total:,} parameters")
     if args.gradient_checkpointing:
         transformer.activation_checkpointing_enable()
+        if args.lora_rank:
+            transformer.enable_input_require_grads()  # a frozen input would leave the checkpointed blocks gradient-free
     transformer.train()
 
     dataset = load_image_dataset(
@@ -186,6 +221,10 @@ def main(argv: list[str] | None = None) -> None:
             ema.copy_to(final)
         final.config.class_dropout_prob = args.class_dropout_prob
         pipe = VARPipeline(vqvae=vqvae, transformer=final.eval(), scheduler=scheduler, id2label=id2label)
+        if args.lora_rank:
+            save_lora_adapter(args, pipe, output_dir, global_step, global_batch, learning_rate, trainable_parameters)
+            accelerator.end_training()
+            return
         card = {
             "model_name": output_dir.name,
             "base_model": args.pretrained_model_name_or_path or "from scratch",
@@ -202,6 +241,33 @@ def main(argv: list[str] | None = None) -> None:
             )
         logger.info(f"Saved the pipeline to {output_dir}")
     accelerator.end_training()
+
+
+def save_lora_adapter(args, pipe, output_dir, global_step, global_batch, learning_rate, trainable_parameters):
+    """The adapter (not the whole pipeline) into --output_dir, with a card that says how to load it."""
+    classes = ", ".join(f"{i}: {n}" for i, n in (pipe.config.id2label or {}).items()) or "as in the base model"
+    card = {
+        "model_name": output_dir.name,
+        "base_model": args.pretrained_model_name_or_path,
+        "dataset": args.dataset_name or args.train_data_dir,
+        "train_steps": global_step,
+        "global_batch": global_batch,
+        "learning_rate": learning_rate,
+        "rank": args.lora_rank,
+        "alpha": args.lora_alpha if args.lora_alpha is not None else args.lora_rank,
+        "target_modules": ", ".join(args.lora_target_modules),
+        "trainable_parameters": trainable_parameters,
+        "classes": classes if len(classes) < 400 else classes[:400] + " …",
+    }
+    save_pretrained_into(pipe.transformer, output_dir, make_lora_card(pipe, card))
+    if args.push_to_hub:
+        upload_pretrained(
+            pipe.transformer,
+            args.hub_model_id or output_dir.name,
+            lambda repo_id: make_lora_card(pipe, {**card, "repo_id": repo_id}),
+            token=args.hub_token,
+        )
+    logger.info(f"Saved the LoRA adapter to {output_dir}")
 
 
 if __name__ == "__main__":

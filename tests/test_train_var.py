@@ -269,3 +269,42 @@ def test_resume_at_an_epoch_boundary_with_accumulation_and_ema_is_exact(workspac
         weights(workspace / "boundary-killed"), weights(workspace / "boundary-straight")
     )
     assert difference <= 1e-6, f"resumed run differs by {difference:.2e}"
+
+
+def test_lora_trains_only_the_adapter_resumes_exactly_and_loads_on_the_base(workspace):
+    common = [
+        "--train_batch_size", "2", "--checkpointing_steps", "2", "--lora_rank", "4", "--use_ema", "--ema_decay", "0.9",
+        "--class_dropout_prob", "0.3", "--gradient_checkpointing", "--max_train_steps", "4", "--learning_rate", "5e-2",
+    ]  # fmt: skip
+    result = run(workspace, "lora-straight", *common)
+    assert "LoRA rank 4: training" in result.stderr
+    out = workspace / "lora-straight"
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "transformer").exists()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(workspace / "pipe") and config["r"] == 4
+    assert "pipe.load_lora_weights" in (out / "README.md").read_text()
+
+    emulate_kill_after(workspace, "lora-straight", "lora-killed", 2)
+    run(workspace, "lora-killed", *common, "--resume_from_checkpoint", "latest")
+    a = load_file(out / "adapter_model.safetensors")
+    b = load_file(workspace / "lora-killed" / "adapter_model.safetensors")
+    assert max_relative_difference(b, a) <= 1e-6
+
+    base = VARPipeline.from_pretrained(workspace / "pipe")
+    pipe = VARPipeline.from_pretrained(workspace / "pipe")
+    pipe.load_lora_weights(out)
+    kwargs = dict(class_labels=[0, 1, 2], top_k=4, output_type="latent")
+    before = base(generator=torch.Generator().manual_seed(0), **kwargs).token_maps
+    after = pipe(generator=torch.Generator().manual_seed(0), **kwargs).token_maps
+    assert not all(torch.equal(x, y) for x, y in zip(before, after)), "the trained adapter changes no sample"
+    # the base weights were frozen: unloading the adapter gives the base model's samples back
+    pipe.unload_lora_weights()
+    again = pipe(generator=torch.Generator().manual_seed(0), **kwargs).token_maps
+    assert all(torch.equal(x, y) for x, y in zip(before, again))
+
+
+def test_lora_flags_are_checked(workspace):
+    result = run(workspace, "lora-bad", "--lora_rank", "4", "--num_classes", "5", check=False)
+    assert result.returncode != 0 and "--num_classes with --lora_rank" in result.stderr
+    result = run(workspace, "lora-bad", "--lora_rank", "4", "--lora_target_modules", "to_q", check=False)
+    assert result.returncode != 0 and "are not in the transformer" in result.stderr

@@ -226,12 +226,24 @@ def test_eager_and_sdpa_agree_and_the_setting_is_honoured(monkeypatch):
 
 
 def test_input_embeddings_and_input_require_grads():
-    model = tiny_transformer()
-    assert model.get_input_embeddings() is model.input_proj
-    replacement = torch.nn.Linear(8, 32)
+    def frozen_and_checkpointed(require_input_grads: bool) -> tuple[VARTransformer, torch.Tensor]:
+        model = tiny_transformer()
+        model.requires_grad_(False)
+        if require_input_grads:
+            model.enable_input_require_grads()  # what PEFT calls for gradient checkpointing over a frozen base
+        model.activation_checkpointing_enable({"use_reentrant": True})  # reentrant needs inputs that require grad
+        qkv = model.blocks[0].attn.qkv.weight
+        qkv.requires_grad_(True)  # as an adapter inside a checkpointed block would be
+        return model.train(), qkv
+
+    model, qkv = frozen_and_checkpointed(require_input_grads=False)
+    assert not model(LABELS, _inputs(model), labels=torch.zeros(2, 21, dtype=torch.long)).loss.requires_grad
+    model, qkv = frozen_and_checkpointed(require_input_grads=True)
+    assert model.get_input_embeddings() is model.class_embedding  # the embedding of class_labels, the main input
+    model(LABELS, _inputs(model), labels=torch.zeros(2, 21, dtype=torch.long)).loss.backward()
+    assert qkv.grad is not None and qkv.grad.abs().sum() > 0
+    replacement = torch.nn.Embedding(12, 32)
     model.set_input_embeddings(replacement)
-    assert model.input_proj is replacement
-    model.requires_grad_(False)
-    model.enable_input_require_grads()  # what PEFT calls for gradient checkpointing over a frozen base
-    out = model(LABELS, _inputs(model))
-    assert out.logits.requires_grad
+    assert model.class_embedding is replacement
+    with pytest.raises(NotImplementedError, match="resize_class_embedding"):
+        model.resize_token_embeddings(40)

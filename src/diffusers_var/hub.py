@@ -16,6 +16,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from .saving import (  # noqa: F401  (atomic_directory and normal_permissions were first importable from here)
     atomic_directory,
     current_umask,
+    install_adapter_save,
     install_model_save,
     install_pipeline_save,
     normal_permissions,
@@ -28,14 +29,17 @@ logger = logging.getLogger(__name__)
 def save_pretrained_into(pretrained, folder: str | os.PathLike, card: ModelCard | None = None) -> None:
     """Write a pipeline or model (and its card as README.md) into a training run's ``folder``, keeping its other files.
 
-    The folder also holds checkpoints and logs: only the files a pipeline (or model) folder consists of are
-    replaced, the entry point (``model_index.json`` or ``config.json``) last, so a loader never finds it pointing at
-    missing weights (see :mod:`diffusers_var.saving`). The card replaces a README.md only if we wrote that one too.
+    The folder also holds checkpoints and logs: only the files a pipeline (or model, or adapter) folder consists of
+    are replaced, the entry point (``model_index.json``, ``config.json`` or ``adapter_config.json``) last, so a
+    loader never finds it pointing at missing weights (see :mod:`diffusers_var.saving`). The card replaces a
+    README.md only if we wrote that one too.
     """
     from diffusers import DiffusionPipeline
 
     if isinstance(pretrained, DiffusionPipeline):  # the library's own save; ours would stage a second time
         write, install = (lambda staged: DiffusionPipeline.save_pretrained(pretrained, staged)), install_pipeline_save
+    elif getattr(pretrained, "peft_config", None):  # a model with adapters saves the adapter (adapter_config.json)
+        write, install = (lambda staged: pretrained.save_pretrained(staged)), install_adapter_save
     else:
         write, install = (lambda staged: pretrained.save_pretrained(staged)), install_model_save
     save_folder(write, folder, install, overwrite=True)
@@ -166,6 +170,24 @@ def make_vqvae_card(vqvae, card_data: dict | None = None) -> ModelCard:
         tags=["diffusers-var", "var", "vqvae", "tokenizer"],
     )
     return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{card_template('vqvae-trained').format(**fields)}")
+
+
+def make_lora_card(pipeline, card_data: dict) -> ModelCard:
+    """The card of a LoRA adapter trained with ``train_var.py --lora_rank`` (template ``var-lora``)."""
+    fields = {
+        "model_name": "VAR LoRA",
+        "num_parameters": sum(p.numel() for p in pipeline.transformer.parameters()),
+        "repo_id": "path/to/this-adapter",
+        **card_data,
+    }
+    fields["trainable_percent"] = 100 * fields["trainable_parameters"] / fields["num_parameters"]
+    metadata = ModelCardData(
+        library_name="peft",
+        license=fields.get("license", "mit"),
+        base_model=fields["base_model"],
+        tags=["diffusers-var", "var", "lora", "class-conditional", "image-generation"],
+    )
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{card_template('var-lora').format(**fields)}")
 
 
 def upload_pretrained(

@@ -35,7 +35,8 @@ _INSIDE_PREFIX = ".diffusers-var-tmp-"
 # what a previous pipeline save may sit beside: a cloned Hub repo
 PIPELINE_NEIGHBOURS = frozenset({"README.md", ".gitattributes", ".git"})
 PIPELINE_INDEX = "model_index.json"
-MODEL_CONFIGS = frozenset({"config.json", "scheduler_config.json"})
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIGS = frozenset({"config.json", "scheduler_config.json", ADAPTER_CONFIG})
 _WEIGHTS = re.compile(r"^\w+?(?:\.(?P<variant>\w+))?(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)$")
 _WEIGHTS_INDEX = re.compile(r"^\w+\.(?:safetensors|bin)\.index(?:\.(?P<variant>\w+))?\.json$")
 
@@ -269,11 +270,18 @@ def install_pipeline_save(staged: Path, target: Path, variant: str | None, trash
     os.replace(staged / PIPELINE_INDEX, target / PIPELINE_INDEX)
 
 
-def install_model_save(staged: Path, target: Path, variant: str | None, trash: Path) -> None:
-    """Move a staged model save (``config.json`` and weights at the top) into ``target``, ``config.json`` last."""
-    _withdraw(target / "config.json", trash)
-    _replace_files(staged, target, variant, trash / "model", last="config.json")
-    os.replace(staged / "config.json", target / "config.json")
+def install_model_save(
+    staged: Path, target: Path, variant: str | None, trash: Path, entry: str = "config.json"
+) -> None:
+    """Move a staged model save (``entry`` and weights at the top) into ``target``, ``entry`` last."""
+    _withdraw(target / entry, trash)
+    _replace_files(staged, target, variant, trash / "model", last=entry)
+    os.replace(staged / entry, target / entry)
+
+
+def install_adapter_save(staged: Path, target: Path, variant: str | None, trash: Path) -> None:
+    """Move a staged PEFT adapter save (``adapter_config.json``, ``adapter_model.safetensors``) into ``target``."""
+    install_model_save(staged, target, variant, trash, entry=ADAPTER_CONFIG)
 
 
 def save_folder(

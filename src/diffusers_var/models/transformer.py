@@ -547,13 +547,23 @@ class VARTransformer(VARPreTrainedModel):
 
     # -- embeddings, as transformers' tools expect them ------------------------------------------------------------
 
-    def get_input_embeddings(self) -> nn.Module:
-        """The word embedding of the token inputs (the official ``word_embed``): f̂ features (Cvae) → C. It is what
-        ``enable_input_require_grads()`` hooks, so gradient checkpointing works with a frozen base (PEFT)."""
-        return self.input_proj
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The embedding of the model's discrete input, ``class_labels`` (its ``main_input_name``): one row per class
+        and the null class. It is what ``enable_input_require_grads()`` hooks: every position's input carries the
+        class (the class tokens and the AdaLN condition), so gradient checkpointing works over a frozen base (PEFT).
+        (The token maps enter as continuous f̂ features through ``input_proj``, the official ``word_embed``.)"""
+        return self.class_embedding
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.input_proj = value
+        self.class_embedding = value
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """Not applicable: VAR's discrete inputs are its classes, and ``vocab_size`` is the tokenizer's codebook (the
+        output head), which a resize would corrupt. Use :meth:`resize_class_embedding` to change the classes."""
+        raise NotImplementedError(
+            "VARTransformer has no input token vocabulary to resize (vocab_size is the tokenizer's codebook). To "
+            "change the number of classes, use resize_class_embedding(num_classes)."
+        )
 
     # -- the forward pass: every scale at once (training), or one scale against the KV cache (sampling) ------------
 

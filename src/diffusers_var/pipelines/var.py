@@ -321,6 +321,46 @@ class VARPipeline(DiffusionPipeline):
                 "damaged, or it overflowed in float16. Load the model again, or sample in float32 or bfloat16."
             )
 
+    # -- LoRA adapters, in diffusers' manner (they live on the transformer, through transformers' PEFT support) -----
+
+    @package_only
+    def load_lora_weights(
+        self, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str | None = None, **kwargs
+    ) -> None:
+        """Load a LoRA adapter (a folder or Hub repo made by ``train_var.py --lora_rank``) into the transformer and
+        activate it; ``kwargs`` go to ``transformer.load_adapter`` (e.g. ``revision``, ``token``)."""
+        from ..lora import adapter_source, require_peft
+
+        require_peft()
+        self.transformer.load_adapter(
+            adapter_source(pretrained_model_name_or_path), adapter_name=adapter_name, **kwargs
+        )
+        self.transformer.set_adapter(adapter_name or "default")
+
+    @package_only
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
+        """Merge the loaded adapter(s) into the transformer's weights: sampling then costs what the base model does."""
+        from ..lora import fuse
+
+        fuse(self.transformer, lora_scale, adapter_names)
+
+    @package_only
+    def unfuse_lora(self) -> None:
+        """Take fused adapters out of the transformer's weights again."""
+        from ..lora import unfuse
+
+        unfuse(self.transformer)
+
+    @package_only
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter (unfusing first), leaving the base transformer."""
+        from ..lora import unfuse
+
+        unfuse(self.transformer)
+        names = list(getattr(self.transformer, "peft_config", {}) or {})
+        if names:
+            self.transformer.delete_adapter(names)
+
     # -- loading and sharing ---------------------------------------------------------------------------------------
 
     @classmethod
