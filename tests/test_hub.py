@@ -243,7 +243,7 @@ def test_save_refuses_a_file_and_someone_elses_pipeline(tmp_path):
         tiny_pipeline().save_pretrained(other)
 
 
-def test_variant_saves_keep_other_weights_and_a_plain_save_replaces_them(tmp_path):
+def test_variant_saves_keep_other_weights_and_weights_we_did_not_write(tmp_path):
     target = tmp_path / "pipe"
     pipe = tiny_pipeline()
     pipe.save_pretrained(target)
@@ -252,8 +252,46 @@ def test_variant_saves_keep_other_weights_and_a_plain_save_replaces_them(tmp_pat
     assert "transformer/model.safetensors" in names and "transformer/model.ema.safetensors" in names
     assert "vqvae/diffusion_pytorch_model.safetensors" in names
     assert "vqvae/diffusion_pytorch_model.ema.safetensors" in names
-    pipe.save_pretrained(target)  # as diffusers does: a save without a variant replaces every weight file
-    assert not [n for n in files_under(target) if ".ema." in n]
+    pipe.save_pretrained(target)  # as diffusers and transformers do: a plain save leaves the other variants
+    assert "transformer/model.ema.safetensors" in files_under(target)
+
+    # weight-looking files that no library writes are a user's: refused without overwrite, kept with it
+    (target / "transformer" / "ema_backup.safetensors").write_bytes(b"mine")
+    (target / "training_args.bin").write_bytes(b"mine too")
+    with pytest.raises(ValueError, match="training_args.bin, transformer/ema_backup.safetensors"):
+        pipe.save_pretrained(target)
+    pipe.save_pretrained(target, overwrite=True)
+    assert (target / "transformer" / "ema_backup.safetensors").read_bytes() == b"mine"
+    assert (target / "training_args.bin").read_bytes() == b"mine too"
+
+
+def test_a_sharded_save_replaces_the_single_file_it_supersedes(tmp_path):
+    target = tmp_path / "pipe"
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(target)
+    pipe.save_pretrained(target, max_shard_size="20KB")  # the transformer now comes in shards with an index
+    names = files_under(target)
+    assert "transformer/model.safetensors.index.json" in names and "transformer/model.safetensors" not in names
+    reloaded = VARPipeline.from_pretrained(target)
+    assert torch.equal(reloaded.transformer.head.weight, pipe.transformer.head.weight)
+
+
+def test_a_failed_install_puts_the_entry_point_back(tmp_path, monkeypatch):
+    target = tmp_path / "pipe"
+    tiny_pipeline().save_pretrained(target)
+    import diffusers_var.saving as saving
+
+    original = saving._replace_files
+
+    def fail_midway(*args, **kwargs):
+        raise OSError("no space left on device (simulated)")
+
+    monkeypatch.setattr(saving, "_replace_files", fail_midway)
+    with pytest.raises(OSError, match="no space left"):
+        tiny_pipeline(seed=1).save_pretrained(target)
+    monkeypatch.setattr(saving, "_replace_files", original)
+    assert (target / "model_index.json").is_file()  # still recognised as an earlier save of ours
+    tiny_pipeline(seed=1).save_pretrained(target)
 
 
 def test_staging_folders_of_killed_saves_are_removed_and_live_ones_kept(tmp_path):
@@ -270,21 +308,18 @@ def test_staging_folders_of_killed_saves_are_removed_and_live_ones_kept(tmp_path
     )
     assert subprocess.run([sys.executable, "-c", killed]).returncode == 9
     [stale] = parent.glob(".pipe.tmp-*")
-    legacy = parent / ".pipe.tmp-legacy"  # from before markers: only save files inside
-    (legacy / "vqvae").mkdir(parents=True)
-    (legacy / "vqvae" / "config.json").write_text("{}")
-    not_ours = parent / ".pipe.tmp-mine"  # named like ours, but holding a user file: kept
-    not_ours.mkdir()
-    (not_ours / "thesis.tex").write_text("...")
+    unmarked = parent / ".pipe.tmp-backup"  # named like ours but unmarked (a user's, or an older version's): kept
+    (unmarked / "vqvae").mkdir(parents=True)
+    (unmarked / "vqvae" / "config.json").write_text("{}")
 
     from diffusers_var.saving import staging_folder
 
     with staging_folder(parent, ".pipe.tmp-") as live:  # a save still running: kept
         tiny_pipeline().save_pretrained(parent / "pipe")
         assert live.is_dir()
-    assert not stale.exists() and not legacy.exists()
-    assert (not_ours / "thesis.tex").is_file()
-    assert sorted(p.name for p in parent.iterdir()) == [".pipe.tmp-mine", "pipe"]
+    assert not stale.exists()
+    assert (unmarked / "vqvae" / "config.json").is_file()
+    assert sorted(p.name for p in parent.iterdir()) == [".pipe.tmp-backup", "pipe"]
 
 
 def test_training_folder_keeps_checkpoints_logs_and_a_foreign_readme(tmp_path, caplog):
@@ -377,7 +412,7 @@ def test_push_to_hub_uploads_safetensors_and_a_model_card(tmp_path, monkeypatch)
 
 
 def test_make_model_card_unknown_template_lists_the_available_ones():
-    available = r"available: \['var', 'var-digits', 'var-trained', 'vqvae-trained'\]"
+    available = r"available: \['var', 'var-digits', 'var-lora', 'var-trained', 'vqvae-trained'\]"
     with pytest.raises(ValueError, match=r"'no-such-card'.*" + available):
         make_model_card(tiny_pipeline(), template="no-such-card")
 

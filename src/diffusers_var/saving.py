@@ -10,14 +10,16 @@ Two rules hold for everything this package writes:
   appears in one rename. In an existing folder the entry point (``model_index.json`` / ``config.json``) is taken
   away first and put back last, so a loader finds the old save, no save, or the complete new one.
 
-Staging folders carry a marker file that their writer holds locked; the next save to the same place removes the
-ones whose writer died (a killed ``convert``), and no others.
+Staging folders carry a marker file that their writer holds locked from before the folder gets its public name;
+the next save to the same place removes the ones whose writer died (a killed ``convert``), and no others.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,19 +32,34 @@ try:
 except ImportError:  # Windows: staging folders of dead writers are then left for the user to remove
     fcntl = None
 
+logger = logging.getLogger(__name__)
+
 STAGING_MARKER = ".diffusers-var-staging"
 _INSIDE_PREFIX = ".diffusers-var-tmp-"
+_INIT_PREFIX = ".diffusers-var-init-"  # a staging folder's name until its marker is locked
 # what a previous pipeline save may sit beside: a cloned Hub repo
 PIPELINE_NEIGHBOURS = frozenset({"README.md", ".gitattributes", ".git"})
 PIPELINE_INDEX = "model_index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIGS = frozenset({"config.json", "scheduler_config.json", ADAPTER_CONFIG})
-_WEIGHTS = re.compile(r"^\w+?(?:\.(?P<variant>\w+))?(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)$")
-_WEIGHTS_INDEX = re.compile(r"^\w+\.(?:safetensors|bin)\.index(?:\.(?P<variant>\w+))?\.json$")
+# the weight files diffusers, transformers and PEFT write (single, sharded, or a shard index), and nothing else: a
+# user's own `ema_backup.safetensors` or `training_args.bin` is never taken for ours
+_STEMS = r"(?:diffusion_pytorch_model|pytorch_model|model|adapter_model)"
+_WEIGHTS = re.compile(rf"^{_STEMS}(?:\.(?P<variant>\w+))?(?:-\d{{5}}-of-\d{{5}})?\.(?:safetensors|bin)$")
+_WEIGHTS_INDEX = re.compile(rf"^{_STEMS}\.(?:safetensors|bin)\.index(?:\.(?P<variant>\w+))?\.json$")
 
 
 def current_umask() -> int:
-    umask = os.umask(0)
+    """The process umask, read without changing it where Linux shows it (setting it to read it would briefly make
+    other threads' new files world-writable)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o077)  # elsewhere: read it by setting it, briefly to the most private value
     os.umask(umask)
     return umask
 
@@ -89,43 +106,49 @@ def _is_save_file(name: str) -> bool:
     )
 
 
-def _looks_like_an_unmarked_staging_folder(folder: Path) -> bool:
-    """A staging folder from before markers existed: nothing in it but the files of a save."""
-    for path in folder.rglob("*"):
-        if path.is_file() and not _is_save_file(path.name):
-            return False
-    return True
-
-
 def remove_stale_staging(target: Path) -> None:
-    """Remove the staging folders that killed saves to ``target`` left, in ``target`` and beside it."""
+    """Remove the staging folders that killed saves to ``target`` left, in ``target`` and beside it: those whose
+    marker's lock died with their writer. Unmarked look-alikes (an older version's, or a user's) are left alone."""
     candidates = []
     if target.parent.is_dir():
-        candidates += [p for p in target.parent.glob(f".{target.name}.tmp-*") if p.is_dir()]
+        candidates += [p for p in target.parent.glob(f".{glob.escape(target.name)}.tmp-*") if p.is_dir()]
+        candidates += [p for p in target.parent.glob(f"{_INIT_PREFIX}*") if p.is_dir()]
     if target.is_dir():
         candidates += [p for p in target.glob(f"{_INSIDE_PREFIX}*") if p.is_dir()]
     for folder in candidates:
-        marked = (folder / STAGING_MARKER).is_file()
-        if (marked and not _writer_is_alive(folder)) or (not marked and _looks_like_an_unmarked_staging_folder(folder)):
-            shutil.rmtree(folder, ignore_errors=True)
+        if (folder / STAGING_MARKER).is_file():
+            if not _writer_is_alive(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+        elif folder.name.startswith(_INIT_PREFIX) and not any(folder.iterdir()):
+            folder.rmdir()  # a writer killed before it could even mark it
+        else:
+            logger.warning(f"{folder} looks like a staging folder left by an older diffusers-var; remove it if it is "
+                           "not yours.")  # fmt: skip
 
 
 @contextlib.contextmanager
 def staging_folder(parent: Path, prefix: str) -> Iterator[Path]:
-    """A hidden folder in ``parent``, marked as ours and locked while this context runs, then removed."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    """A hidden folder ``<prefix>…`` in ``parent``, marked as ours and locked while this context runs, then removed.
+
+    It is made under a private name and renamed to its public one only once the marker is locked, so a concurrent
+    save's clean-up never finds a folder of ours that it could take for a dead writer's.
+    """
+    private = Path(tempfile.mkdtemp(prefix=_INIT_PREFIX, dir=parent))
     # mkdtemp makes it private; renamed into place, it should look like any new folder
-    os.chmod(path, 0o777 & ~current_umask())
-    marker = open(path / STAGING_MARKER, "w")
+    os.chmod(private, 0o777 & ~current_umask())
+    marker = open(private / STAGING_MARKER, "w")
+    path = parent / f"{prefix}{private.name[len(_INIT_PREFIX) :]}"
     try:
         if fcntl is not None:
             fcntl.flock(marker, fcntl.LOCK_EX)
         marker.write(str(os.getpid()))
         marker.flush()
+        os.rename(private, path)
         yield path
     finally:
         marker.close()
         shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _unmark(folder: Path) -> None:
@@ -205,13 +228,15 @@ def check_save_target(target: Path, overwrite: bool, what: str = "a VARPipeline"
 # -- putting a staged save in place ----------------------------------------------------------------------------------
 
 
-def _stale_weights(folder: Path, variant: str | None) -> list[Path]:
-    """Weight files (and shard indexes) in ``folder`` that a save with ``variant`` replaces, as diffusers does: a
-    save without a variant replaces every weight file, a save with one only the files of that variant."""
+def _stale_weights(folder: Path, variant: str | None, any_variant: bool = False) -> list[Path]:
+    """The library-named weight files and shard indexes in ``folder`` of ``variant`` (``None``: the plain weights),
+    or of every variant: what a new save of that variant replaces (the other variants stay, as in diffusers and
+    transformers; unlike them, a stale single file or shard set of the same variant goes too, so a loader cannot
+    find the old weights beside the new ones)."""
     stale = []
     for path in folder.iterdir() if folder.is_dir() else []:
         match = path.is_file() and (_WEIGHTS.match(path.name) or _WEIGHTS_INDEX.match(path.name))
-        if match and (variant is None or match["variant"] == variant):
+        if match and (any_variant or match["variant"] == variant):
             stale.append(path)
     return stale
 
@@ -263,7 +288,9 @@ def install_pipeline_save(staged: Path, target: Path, variant: str | None, trash
     for name in sorted(set(old_components) - set(new_components)):
         folder, bin_ = target / name, trash / name
         bin_.mkdir(parents=True, exist_ok=True)
-        for path in _stale_weights(folder, None) + [folder / c for c in MODEL_CONFIGS if (folder / c).is_file()]:
+        for path in _stale_weights(folder, None, any_variant=True) + [
+            folder / c for c in MODEL_CONFIGS if (folder / c).is_file()
+        ]:
             os.replace(path, bin_ / path.name)
         with contextlib.suppress(OSError):
             folder.rmdir()  # only if nothing else is in it
@@ -296,7 +323,9 @@ def save_folder(
 
     A new ``target`` appears in one rename. An existing one must hold nothing but an earlier save of ours unless
     ``overwrite`` (:func:`check_save_target`), and gets the new files through ``install`` (one of
-    :func:`install_pipeline_save` or :func:`install_model_save`). If ``write`` fails, ``target`` is untouched.
+    :func:`install_pipeline_save`, :func:`install_model_save` or :func:`install_adapter_save`). If ``write`` fails,
+    ``target`` is untouched; if moving the files in fails (a full disk, a kill), the entry point that was taken away
+    is put back and the error raised: the folder may then mix old and new files until the next save.
     """
     target = Path(target).absolute()
     remove_stale_staging(target)
@@ -306,7 +335,8 @@ def save_folder(
         with staging_folder(target.parent, f".{target.name}.tmp-") as staging:
             write(staging)
             normal_permissions(staging)
-            os.rename(staging, target)  # fails rather than replace a folder someone else made meanwhile
+            # fails rather than replace a non-empty folder that someone made meanwhile (an empty one is replaced)
+            os.rename(staging, target)
             _unmark(target)
         return
     with staging_folder(target, _INSIDE_PREFIX) as staging:
@@ -314,7 +344,14 @@ def save_folder(
         trash.mkdir()
         write(staged)
         normal_permissions(staged)
-        install(staged, target, variant, trash)
+        try:
+            install(staged, target, variant, trash)
+        except BaseException:
+            for withdrawn in trash.glob("withdrawn-*"):  # the old entry point goes back; nothing of it is lost
+                original = target / withdrawn.name[len("withdrawn-") :]
+                if not original.exists():
+                    os.replace(withdrawn, original)
+            raise
 
 
 @contextlib.contextmanager
