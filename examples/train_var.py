@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from diffusers_var import MultiScaleVQVAE, VARConfig, VARPipeline, VARScaleScheduler, VARTransformer
 from diffusers_var.hub import load_vqvae, make_lora_card, make_model_card, save_pretrained_into, upload_pretrained
-from diffusers_var.lora import DEFAULT_TARGET_MODULES, add_lora, lora_config
+from diffusers_var.lora import DEFAULT_TARGET_MODULES, ID2LABEL_FILE, add_lora, lora_config
+from diffusers_var.saving import write_text_atomically
 from diffusers_var.training.arguments import add_data_arguments, add_logging_arguments, add_training_arguments
 from diffusers_var.training.checkpoints import save_checkpoint
 from diffusers_var.training.data import (
@@ -260,12 +261,17 @@ def save_lora_adapter(args, pipe, output_dir, global_step, global_batch, learnin
         "classes": classes if len(classes) < 400 else classes[:400] + " …",
     }
     save_pretrained_into(pipe.transformer, output_dir, make_lora_card(pipe, card))
+    # the data's class names, which load_lora_weights applies (an adapter config has no place for them)
+    labels = {ID2LABEL_FILE: json.dumps(pipe.config.id2label, indent=1) + "\n"} if pipe.config.id2label else {}
+    for name, text in labels.items():
+        write_text_atomically(output_dir / name, text)
     if args.push_to_hub:
         upload_pretrained(
             pipe.transformer,
             args.hub_model_id or output_dir.name,
             lambda repo_id: make_lora_card(pipe, {**card, "repo_id": repo_id}),
             token=args.hub_token,
+            extra_files=labels,
         )
     logger.info(f"Saved the LoRA adapter to {output_dir}")
 

@@ -83,6 +83,55 @@ def test_fuse_unfuse_and_unload(tmp_path):
     torch.testing.assert_close(latents, base_latents, atol=1e-5, rtol=0)
 
 
+def test_a_scaled_fusion_unfuses_back_to_the_base_weights(tmp_path):
+    trained_adapter(tmp_path)
+    pipe = VARPipeline.from_pretrained(tmp_path / "base")
+    before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    pipe.load_lora_weights(tmp_path / "adapter")
+    pipe.fuse_lora(lora_scale=0.5)
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    for name, param in pipe.transformer.named_parameters():
+        torch.testing.assert_close(param, before[name], atol=1e-6, rtol=0)
+
+
+def test_fuse_unload_save_gives_a_plain_fine_tuned_model(tmp_path):
+    _, adapted = trained_adapter(tmp_path)
+    _, expected = sample(adapted)
+    pipe = VARPipeline.from_pretrained(tmp_path / "base")
+    pipe.load_lora_weights(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="carries LoRA adapters, so its save would hold only the adapter"):
+        pipe.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # as in diffusers: the fused weights stay
+    pipe.save_pretrained(tmp_path / "fused")
+    _, fused = sample(VARPipeline.from_pretrained(tmp_path / "fused"))
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_adapter_s_class_names_come_and_go_with_it(tmp_path):
+    base, _ = trained_adapter(tmp_path)
+    (tmp_path / "adapter" / "id2label.json").write_text(json.dumps({"0": "cat", "1": "dog"}))
+    pipe = VARPipeline.from_pretrained(tmp_path / "base")
+    pipe.load_lora_weights(tmp_path / "adapter")
+    assert pipe.get_label_ids(["dog"]) == [1] and pipe.config.id2label == {0: "cat", 1: "dog"}
+    pipe.unload_lora_weights()
+    assert pipe.config.id2label == base.config.id2label and pipe.get_label_ids(["digit 1"]) == [1]
+
+
+def test_an_adapter_folder_is_not_taken_for_a_damaged_model(tmp_path):
+    trained_adapter(tmp_path)
+    import shutil
+
+    shutil.copytree(tmp_path / "base", tmp_path / "mixed")
+    (tmp_path / "mixed" / "transformer" / "model.safetensors").unlink()
+    shutil.copy(tmp_path / "adapter" / "adapter_model.safetensors", tmp_path / "mixed" / "transformer")
+    shutil.copy(tmp_path / "adapter" / "adapter_config.json", tmp_path / "mixed" / "transformer")
+    with pytest.raises(ValueError, match="transformer holds a LoRA adapter, not a whole model"):
+        VARPipeline.from_pretrained(tmp_path / "mixed")
+
+
 def test_bad_lora_settings_say_what_is_allowed(tmp_path):
     pipe = tiny_pipeline()
     with pytest.raises(ValueError, match=r"LoRA target module\(s\) \['to_q'\] are not in the transformer"):

@@ -30,6 +30,13 @@ def test_integer_labels_of_any_integer_type_and_unconditional_entries(pipe):
     assert out.class_labels.tolist() == [10, 3]  # the null class
 
 
+def test_an_ambiguous_class_name_asks_for_the_id():
+    pipe = tiny_pipeline(id2label={0: "crane, bird", 1: "crane, machine", 2: "digit 2"})
+    assert pipe.get_label_ids(["bird", "machine"]) == [0, 1]
+    with pytest.raises(ValueError, match=r"'crane' names classes \[0, 1\]; pass the id instead"):
+        pipe(class_labels=["crane"])
+
+
 def test_random_labels_come_from_the_generator(pipe):
     a = pipe(num_images_per_prompt=6, output_type="latent", generator=_seed(1)).class_labels
     b = pipe(num_images_per_prompt=6, output_type="latent", generator=_seed(1)).class_labels

@@ -37,6 +37,9 @@ def save_pretrained_into(pretrained, folder: str | os.PathLike, card: ModelCard 
     from diffusers import DiffusionPipeline
 
     if isinstance(pretrained, DiffusionPipeline):  # the library's own save; ours would stage a second time
+        from .pipelines.var import check_no_adapters
+
+        check_no_adapters(pretrained)
         write, install = (lambda staged: DiffusionPipeline.save_pretrained(pretrained, staged)), install_pipeline_save
     elif getattr(pretrained, "peft_config", None):  # a model with adapters saves the adapter (adapter_config.json)
         write, install = (lambda staged: pretrained.save_pretrained(staged)), install_adapter_save
@@ -199,15 +202,18 @@ def upload_pretrained(
     token=None,
     create_pr=False,
     save_kwargs: dict | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> str:
     """Save a pipeline or model (``save_kwargs`` go to its ``save_pretrained``) with the card ``make_card(repo_id)``
-    to a temporary folder and upload it as one commit; returns the commit URL."""
+    and ``extra_files`` (name → text) to a temporary folder and upload it as one commit; returns the commit URL."""
     api = huggingface_hub.HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "upload"
         pretrained.save_pretrained(folder, **(save_kwargs or {}))
         make_card(repo_id).save(folder / "README.md")
+        for name, text in (extra_files or {}).items():
+            (folder / name).write_text(text, encoding="utf-8")
         commit = api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,

@@ -22,6 +22,8 @@ import torch
 
 # what the adapters wrap by default: each block's attention (fused qkv, output) and MLP projections
 DEFAULT_TARGET_MODULES = ("qkv", "out_proj", "fc1", "fc2")
+# beside the adapter: the class names of its training data (an adapter config has no place for them)
+ID2LABEL_FILE = "id2label.json"
 
 
 def require_peft():
@@ -86,8 +88,14 @@ def tuner_layers(model: torch.nn.Module) -> list:
     return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
 
 
+def has_adapters(model: torch.nn.Module) -> bool:
+    """Whether adapters are attached (transformers then saves only the adapter, not the model)."""
+    return bool(getattr(model, "peft_config", None))
+
+
 def fuse(model: torch.nn.Module, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
-    """Merge the active adapters into the base weights (scaled by ``lora_scale``)."""
+    """Merge the active adapters into the base weights, scaled by ``lora_scale`` (as diffusers does, the layers keep
+    that scale, so :func:`unfuse` takes out exactly what was merged)."""
     layers = tuner_layers(model)
     if not layers:
         raise ValueError("There is no LoRA adapter to fuse: load one with load_lora_weights first.")
@@ -95,8 +103,6 @@ def fuse(model: torch.nn.Module, lora_scale: float = 1.0, adapter_names: list[st
         if lora_scale != 1.0:
             layer.scale_layer(lora_scale)
         layer.merge(adapter_names=adapter_names)
-        if lora_scale != 1.0:
-            layer.unscale_layer()
 
 
 def unfuse(model: torch.nn.Module) -> None:
@@ -104,6 +110,42 @@ def unfuse(model: torch.nn.Module) -> None:
     for layer in tuner_layers(model):
         if layer.merged:
             layer.unmerge()
+
+
+def unload(model: torch.nn.Module) -> None:
+    """Remove the adapter layers, putting their base layers back; weights fused with :func:`fuse` stay fused (as
+    diffusers' ``unload_lora_weights`` does), so fuse → unload → save gives a plain model with the adapter in it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    model._hf_peft_config_loaded = False
+    # load_adapter leaves its key renaming (the PEFT "base_model.model." prefix) as the model's weight conversions,
+    # which the next save_pretrained would apply to the plain weights; VAR's own loading has none
+    model._weight_conversions = []
+
+
+def read_id2label(name_or_path: str | os.PathLike, **hub_kwargs) -> dict[int, str] | None:
+    """The class names saved beside an adapter (a folder or a Hub repo id), or None if it has none."""
+    import json
+
+    path = os.path.join(os.fspath(name_or_path), ID2LABEL_FILE)
+    if not os.path.isdir(os.fspath(name_or_path)):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            path = hf_hub_download(os.fspath(name_or_path), ID2LABEL_FILE, **hub_kwargs)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return None
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return {int(k): v for k, v in json.load(handle).items()}
 
 
 def adapter_source(name_or_path: str | os.PathLike) -> str:

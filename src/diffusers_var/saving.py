@@ -78,6 +78,20 @@ def normal_permissions(folder: str | os.PathLike) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file and a rename: a reader sees the old content or the new."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 # -- staging folders -----------------------------------------------------------------------------------------------
 
 

@@ -130,6 +130,11 @@ def _missing_shards(folder: Path) -> list[str]:
 
 def _mismatch_message(folder: Path | str, files: list[Path] | None, problems: str) -> str:
     folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return (
+            f"{folder} holds a LoRA adapter, not a whole model ({problems}). Load the base model it names in "
+            "adapter_config.json, then the adapter: pipe.load_lora_weights(...) or transformer.load_adapter(...)."
+        )
     if folder.is_dir() and (missing := _missing_shards(folder)):
         return (
             f"{folder} lacks the weight shard(s) {_short(missing)} that its index lists ({problems}). Download or "

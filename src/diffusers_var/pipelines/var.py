@@ -43,6 +43,17 @@ class VARPipelineOutput(BaseOutput):
     token_maps: list[torch.LongTensor] | None = None
 
 
+def check_no_adapters(pipeline: VARPipeline) -> None:
+    """Refuse to save a pipeline whose transformer carries LoRA adapters: transformers would write only the adapter
+    in place of the transformer's weights, and the folder would not load."""
+    if getattr(pipeline.transformer, "peft_config", None):
+        raise ValueError(
+            "The transformer carries LoRA adapters, so its save would hold only the adapter. Save the adapter with "
+            "pipe.transformer.save_pretrained(folder), or bake it in with pipe.fuse_lora() and "
+            "pipe.unload_lora_weights() first."
+        )
+
+
 def check_components(vqvae: MultiScaleVQVAE, transformer: VARTransformer, scheduler: VARScaleScheduler) -> None:
     """Raise a ValueError naming the disagreement if the three components cannot work together."""
     patch_nums = {
@@ -104,14 +115,19 @@ class VARPipeline(DiffusionPipeline):
         super().__init__()
         check_components(vqvae, transformer, scheduler)
         self.register_modules(vqvae=vqvae, transformer=transformer, scheduler=scheduler)
-        id2label = {int(k): v for k, v in id2label.items()} if id2label else None
-        self.register_to_config(id2label=id2label)
-        self.labels = {}
-        for class_id, names in (id2label or {}).items():
-            for name in names.split(","):
-                self.labels[name.strip()] = class_id
+        self.set_id2label(id2label)
 
     # -- class labels ----------------------------------------------------------------------------------------------
+
+    def set_id2label(self, id2label: dict[int, str] | dict[str, str] | None) -> None:
+        """Set the class names (comma-separated synonyms per id) that :meth:`get_label_ids` and the CLI resolve."""
+        id2label = {int(k): v for k, v in id2label.items()} if id2label else None
+        self.register_to_config(id2label=id2label)
+        self.labels, self._ambiguous_labels = {}, {}
+        for class_id, names in (id2label or {}).items():
+            for name in (n.strip() for n in names.split(",")):
+                if self.labels.setdefault(name, class_id) != class_id:  # e.g. ImageNet's two "crane"s
+                    self._ambiguous_labels.setdefault(name, {self.labels[name]}).add(class_id)
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names (any of the comma-separated synonyms in ``id2label``) to class ids."""
@@ -122,6 +138,12 @@ class VARPipeline(DiffusionPipeline):
                 f" Known names include {sorted(self.labels)[:5]}." if self.labels else " This pipeline has no id2label."
             )
             raise ValueError(f"Unknown class name(s) {unknown}.{hint}")
+        ambiguous = [n for n in names if n in self._ambiguous_labels]
+        if ambiguous:
+            name = ambiguous[0]
+            raise ValueError(
+                f"The class name {name!r} names classes {sorted(self._ambiguous_labels[name])}; pass the id instead."
+            )
         return [self.labels[n] for n in names]
 
     def _class_ids(self, class_labels, allow_unconditional: bool = False) -> list[int]:
@@ -328,14 +350,20 @@ class VARPipeline(DiffusionPipeline):
         self, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str | None = None, **kwargs
     ) -> None:
         """Load a LoRA adapter (a folder or Hub repo made by ``train_var.py --lora_rank``) into the transformer and
-        activate it; ``kwargs`` go to ``transformer.load_adapter`` (e.g. ``revision``, ``token``)."""
-        from ..lora import adapter_source, require_peft
+        activate it; ``kwargs`` go to ``transformer.load_adapter`` (e.g. ``revision``, ``token``). The class names
+        of the adapter's training data, saved beside it, replace the pipeline's until :meth:`unload_lora_weights`.
+        """
+        from ..lora import adapter_source, read_id2label, require_peft
 
         require_peft()
-        self.transformer.load_adapter(
-            adapter_source(pretrained_model_name_or_path), adapter_name=adapter_name, **kwargs
-        )
+        source = adapter_source(pretrained_model_name_or_path)
+        self.transformer.load_adapter(source, adapter_name=adapter_name, **kwargs)
         self.transformer.set_adapter(adapter_name or "default")
+        id2label = read_id2label(source, **{k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs})
+        if id2label:
+            if not hasattr(self, "_id2label_before_lora"):
+                self._id2label_before_lora = self.config.id2label
+            self.set_id2label(id2label)
 
     @package_only
     def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
@@ -353,13 +381,15 @@ class VARPipeline(DiffusionPipeline):
 
     @package_only
     def unload_lora_weights(self) -> None:
-        """Remove every adapter (unfusing first), leaving the base transformer."""
-        from ..lora import unfuse
+        """Remove the adapters and their class names. As in diffusers, weights fused with :meth:`fuse_lora` stay
+        fused: ``fuse_lora()``, ``unload_lora_weights()``, ``save_pretrained(...)`` saves a plain fine-tuned model;
+        call :meth:`unfuse_lora` first to get the base model back."""
+        from ..lora import unload
 
-        unfuse(self.transformer)
-        names = list(getattr(self.transformer, "peft_config", {}) or {})
-        if names:
-            self.transformer.delete_adapter(names)
+        unload(self.transformer)
+        if hasattr(self, "_id2label_before_lora"):
+            self.set_id2label(self._id2label_before_lora)
+            del self._id2label_before_lora
 
     # -- loading and sharing ---------------------------------------------------------------------------------------
 
@@ -440,6 +470,7 @@ class VARPipeline(DiffusionPipeline):
         """
         if kwargs.get("push_to_hub"):
             raise ValueError("Use pipe.push_to_hub(repo_id) to share, so the upload gets a model card.")
+        check_no_adapters(self)
 
         def write(staged: Path) -> None:
             DiffusionPipeline.save_pretrained(self, staged, **kwargs)

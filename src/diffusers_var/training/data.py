@@ -83,7 +83,12 @@ def id2label_for_data(id2label: dict[int, str] | None, class_names: list[str] | 
     """
     if class_names is None:
         return id2label
-    merged = {int(k): v for k, v in (id2label or {}).items()}
+    taken = {n.strip() for names in class_names for n in names.split(",")}
+    merged = {}
+    for class_id, names in (id2label or {}).items():  # an old synonym the data now uses must not name two classes
+        kept = [n for n in names.split(",") if n.strip() not in taken]
+        if kept and int(class_id) >= len(class_names):
+            merged[int(class_id)] = ",".join(kept)
     merged.update(enumerate(class_names))
     return dict(sorted(merged.items()))
 
