@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         accelerator.init_trackers("train_var", config=tracker_config(args))
 
-    resume, global_step = find_resume_checkpoint(args)
+    resume, global_step = find_resume_checkpoint(args, accelerator)
     logger.info(f"{len(dataset)} images, global batch {global_batch}, lr {learning_rate:.3g}, {max_steps} steps")
     progress = tqdm(range(max_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     for batch in training_batches(accelerator, loader, train_set, plan, resume, global_step):

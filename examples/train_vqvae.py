@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(f"Validation at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
         return report
 
-    resume, global_step = find_resume_checkpoint(args)
+    resume, global_step = find_resume_checkpoint(args, accelerator)
     logger.info(f"{len(train_split)} training images, global batch {global_batch}, lr {learning_rate:.3g}")
     progress = tqdm(range(max_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     models = [vqvae] + ([discriminator] if discriminator is not None else [])

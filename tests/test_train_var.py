@@ -183,7 +183,8 @@ def test_two_processes_equal_one(workspace):
         "--mixed_precision",
         "no",
     ]
-    run(workspace, "two", *common, "--train_batch_size", "2", launcher=launcher)
+    # `latest` with no checkpoint yet: the main process looks, and tells the other there is none
+    run(workspace, "two", *common, "--train_batch_size", "2", "--resume_from_checkpoint", "latest", launcher=launcher)
     difference = max_relative_difference(weights(workspace / "two"), weights(workspace / "one"))
     assert difference <= 1e-4, f"2 processes differ from 1 by {difference:.2e}"
     assert max_relative_difference(weights(workspace / "one"), weights(workspace / "pipe")) > 1e-3

@@ -90,6 +90,23 @@ def test_latest_skips_damaged_checkpoints_and_names_them(tmp_path, caplog):
         resolve_resume_path(tmp_path, "latest")
 
 
+def test_rotation_never_removes_the_checkpoint_just_written(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in (500, 1000):
+        save_checkpoint(accelerator, tmp_path, step, total_limit=2)
+    weights = tmp_path / "checkpoint-1000" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # damaged: `latest` resumes from 500 ...
+    assert resolve_resume_path(tmp_path, "latest").name == "checkpoint-500"
+    save_checkpoint(accelerator, tmp_path, 600, total_limit=1)  # ... and the resumed run saves at 600
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-600", "checkpoint-1000"]
+    assert resolve_resume_path(tmp_path, "latest").name == "checkpoint-600"
+    save_checkpoint(accelerator, tmp_path, 1000, total_limit=1)  # reaching 1000 again replaces the damaged one
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1000"]
+    assert checkpoint_problem(tmp_path / "checkpoint-1000") is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_requested_cpu_processes_are_read_from_the_accelerate_command_line():
     from diffusers_var.training.launch import requested_cpu_processes
 

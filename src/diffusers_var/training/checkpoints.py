@@ -13,7 +13,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)  # not accelerate's: this also runs outside a training process
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-_TMP_NAME = re.compile(r"^\.checkpoint-\d+\.tmp$")
+_TMP_NAME = re.compile(r"^\.checkpoint-\d+(?:\.replaced)?\.tmp$")
 MANIFEST = "checkpoint_manifest.json"
 
 
@@ -150,11 +150,19 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_manifest(tmp)
-        if target.exists():
-            shutil.rmtree(target)
+        replaced = None
+        if target.exists():  # e.g. a damaged checkpoint of an earlier attempt: swapped out, then removed
+            replaced = output_dir / f".checkpoint-{step}.replaced.tmp"
+            shutil.rmtree(replaced, ignore_errors=True)
+            target.rename(replaced)
         tmp.rename(target)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
+            # only earlier steps rotate out: the checkpoint just written always stays, and later ones (a damaged
+            # checkpoint that `latest` stepped over, or an abandoned run's) are left for the user to judge
+            earlier = [c for c in list_checkpoints(output_dir) if checkpoint_step(c) < step]
+            for old in earlier[: max(len(earlier) - (total_limit - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return target

@@ -83,9 +83,25 @@ def make_lr_scheduler(args: argparse.Namespace, optimizer, accelerator: Accelera
     )
 
 
-def find_resume_checkpoint(args: argparse.Namespace) -> tuple[Path | None, int]:
-    """(checkpoint to resume from or None, its step)."""
-    resume = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+def find_resume_checkpoint(args: argparse.Namespace, accelerator: Accelerator | None = None) -> tuple[Path | None, int]:
+    """(checkpoint to resume from or None, its step). With several processes the main one verifies the checkpoints
+    (hashing every file) and tells the others which it chose."""
+    if accelerator is None or accelerator.num_processes == 1:
+        resume = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+    else:
+        from accelerate.utils import broadcast_object_list
+
+        choice = [None]
+        if accelerator.is_main_process:
+            try:
+                found = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+                choice = [("ok", None if found is None else str(found))]
+            except ValueError as error:
+                choice = [("error", str(error))]
+        choice = broadcast_object_list(choice)[0]
+        if choice[0] == "error":
+            raise ValueError(choice[1])
+        resume = None if choice[1] is None else Path(choice[1])
     if resume is None:
         if args.resume_from_checkpoint:
             logger.info("No checkpoint to resume from; starting a new run.")
