@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         trainable_parameters, total = add_lora(transformer, config)
         logger.info(f"LoRA rank {args.lora_rank}: training {trainable_parameters:,} of {total:,} parameters")
+        if Path(args.pretrained_model_name_or_path).is_dir():
+            logger.warning(
+                f"The adapter will name its base model as the local folder {args.pretrained_model_name_or_path!r}; "
+                "to share it, name the base by its Hub repo id (or a bundled name) instead."
+            )
     if args.gradient_checkpointing:
         transformer.activation_checkpointing_enable()
         if args.lora_rank:

@@ -207,3 +207,15 @@ def test_temperature_and_more_smooth_reach_the_pipeline(model_dir, tmp_path, mon
     cli_main(["generate", "--model", model_dir, "--class-labels", "1", "--num-per-class", "1", "--temperature", "0.5",
               "--more-smooth", "--output", str(tmp_path / "g.png")])  # fmt: skip
     assert seen["temperature"] == 0.5 and seen["more_smooth"] is True
+
+
+def test_a_grid_too_large_for_its_format_is_refused_before_sampling():
+    from pathlib import Path
+
+    from diffusers_var.generate import check_grid_size
+
+    check_grid_size(Path("grid.webp"), 10, 8, 32)
+    with pytest.raises(ValueError, match="more than a WEBP image can hold. Use --output-dir"):
+        check_grid_size(Path("grid.webp"), 64, 8, 256)
+    with pytest.raises(ValueError, match="more than fits in memory"):
+        check_grid_size(Path("grid.png"), 1000, 8, 256)

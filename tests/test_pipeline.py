@@ -293,3 +293,54 @@ def test_nan_in_the_transformer_raises_naming_the_scale(parameter, scale):
     side = (1, 2, 4)[scale]
     with pytest.raises(NonFiniteError, match=f"logits at scale {scale} \\({side}×{side} tokens\\) hold NaN or inf"):
         pipe(class_labels=[1, 2], top_k=4, top_p=0.9, output_type="pt", generator=_seed())
+
+
+# -- the stepping API and callbacks, used directly -----------------------------------------------------------------
+
+
+def test_stepping_by_hand_is_the_call_and_checks_the_logits():
+    from diffusers_var import NonFiniteError
+
+    pipe = tiny_pipeline()
+    expected = pipe(class_labels=[1, 2], top_k=5, output_type="pt", generator=_seed())
+    state = pipe.prepare_sampling_state(torch.tensor([1, 2]), guided=True)
+    generator = _seed()
+    for _ in range(3):
+        pipe.sample_next_scale(state, 2.5, 5, 0.96, generator=generator)
+    assert all(torch.equal(a, b) for a, b in zip(state.token_maps, expected.token_maps))
+    torch.testing.assert_close(pipe.decode_state(state, "pt"), expected.images)
+    with torch.no_grad():
+        pipe.transformer.head.weight[0, 0] = float("nan")
+    broken = pipe.prepare_sampling_state(torch.tensor([1]), guided=False)
+    for _ in range(3):
+        pipe.sample_next_scale(broken, 1.0, 5, 0.96, generator=_seed())
+    with pytest.raises(NonFiniteError, match="logits at scale 0"):
+        pipe.decode_state(broken, "pt")
+    with pytest.raises(ValueError, match=r"ids in \[0, 10\] \(10 is unconditional\), got \[11\]"):
+        pipe.prepare_sampling_state(torch.tensor([11]), guided=False)
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        pipe.prepare_sampling_state(torch.tensor([1.0]), guided=False)
+
+
+def test_a_transformer_config_asking_for_tuples_does_not_break_sampling():
+    pipe = tiny_pipeline()
+    expected = pipe(class_labels=[3], output_type="latent", generator=_seed()).token_maps
+    pipe.transformer.config.return_dict = False
+    got = pipe(class_labels=[3], output_type="latent", generator=_seed()).token_maps
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_random_classes_with_generators_need_one_per_image(pipe):
+    with pytest.raises(ValueError, match="Got 2 generators for num_images_per_prompt=4"):
+        pipe(num_images_per_prompt=4, generator=[_seed(), _seed()])
+
+
+def test_a_callback_must_return_its_dict_and_keep_the_latents_shape(pipe):
+    def forgetful(p, i, t, kwargs):
+        """Forgets to return its kwargs."""
+
+    with pytest.raises(ValueError, match=r"callback_on_step_end \(forgetful\) must return the dict"):
+        pipe(class_labels=1, callback_on_step_end=forgetful, generator=_seed())
+    with pytest.raises(ValueError, match=r"must keep \(1, 8, 4, 4\)"):
+        pipe(class_labels=1, callback_on_step_end=lambda p, i, t, kw: {"latents": torch.zeros(2, 8)},
+             callback_on_step_end_tensor_inputs=["latents"], generator=_seed())  # fmt: skip

@@ -169,3 +169,12 @@ def test_push_to_hub_with_remote_code_uploads_the_code_and_says_how_to_load_it(t
     assert (uploaded / "pipeline_var.py").is_file() and (uploaded / "vqvae" / "modeling_var_vqvae.py").is_file()
     card = (uploaded / "README.md").read_text()
     assert 'DiffusionPipeline.from_pretrained("me/tiny-var", trust_remote_code=True)' in card
+
+
+def test_with_the_package_components_and_options_reach_a_remote_code_load(remote_save):
+    pipe, folder = remote_save
+    own = pipe.transformer
+    reloaded = VARPipeline.from_pretrained(folder, transformer=own, dtype={"vqvae": torch.bfloat16})
+    assert reloaded.transformer is own and reloaded.vqvae.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"does not take \['device_map'\]"):
+        VARPipeline.from_pretrained(folder, device_map="balanced")

@@ -126,11 +126,24 @@ def test_non_finite_logits_are_flagged_and_never_reach_the_draw():
     scheduler = VARScaleScheduler(patch_nums=(1, 2))
     logits = torch.randn(2, 4, 8)
     assert scheduler.step(logits, 1, guidance_scale=2.0).finite.item() is True
-    for bad in (float("nan"), float("inf"), float("-inf")):
+    for bad in (float("nan"), float("inf")):  # (a lone -inf is a masked code: see the next test)
         broken = logits.clone()
         broken[1, 2, 3] = bad
         out = scheduler.step(broken, 1, guidance_scale=2.0, top_k=4, top_p=0.9)  # the draw itself must not fail
         assert out.finite.item() is False and out.token_map.shape == (1, 2, 2)
+
+
+def test_masked_codes_stay_masked_under_guidance():
+    """−inf marks a code that must not be drawn (e.g. constrained sampling); guidance must not turn −inf − −inf
+    into a likely code, and such logits are not a non-finite failure."""
+    scheduler = VARScaleScheduler(patch_nums=(1, 2))
+    logits = torch.full((2, 4, 8), float("-inf"))
+    logits[..., 5] = torch.randn(2, 4)
+    out = scheduler.step(logits, 1, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert out.finite.item() is True and (out.token_map == 5).all()
+    everything_masked = torch.full((2, 4, 8), float("-inf"))
+    out = scheduler.step(everything_masked, 1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.finite.item() is False  # nothing drawable: flagged, and drawn uniformly rather than crashing
 
 
 def test_bad_configuration_and_steps():

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 from . import convert, generate
 
-# errors that describe the user's input or environment; anything else is reported as unexpected
-_EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, TypeError)
+# errors that describe the user's input or environment (a RuntimeError: out of memory, a CUDA failure); anything
+# else, a TypeError included, is a bug and said to be unexpected
+_EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -126,6 +126,26 @@ def check_outputs(args: argparse.Namespace, jobs: list[tuple[int, int]] | None =
     return path
 
 
+# the largest grid each format can hold (WebP and JPEG limit each side; PNG and TIFF are capped here at what fits in
+# memory comfortably: a grid is held whole until it is written)
+GRID_SIDE_LIMITS = {"WEBP": 16383, "JPEG": 65500}
+GRID_PIXEL_LIMIT = 2**28
+
+
+def check_grid_size(path: Path, rows: int, columns: int, image_size: int) -> None:
+    """Refuse, before sampling, a grid too large for its format or for memory, with the way out."""
+    cell = image_size * max(1, math.ceil(MIN_CELL / image_size)) + GUTTER
+    width, height = 400 + columns * cell, GUTTER + rows * cell  # (400: room for the row labels)
+    file_format = GRID_FORMATS[path.suffix.lower()]
+    limit = GRID_SIDE_LIMITS.get(file_format)
+    if (limit and max(width, height) > limit) or width * height > GRID_PIXEL_LIMIT:
+        raise ValueError(
+            f"A grid of {rows} classes × {columns} samples would be about {width}×{height} px, more than "
+            f"{'a ' + file_format + ' image can hold' if limit and max(width, height) > limit else 'fits in memory'}."
+            " Use --output-dir for one file per sample, or fewer --class-labels / --num-per-class."
+        )
+
+
 def check_device(name: str) -> torch.device:
     """``--device`` as a torch device that exists on this machine, or a ValueError saying what is available."""
     try:
@@ -285,17 +305,20 @@ def generate(args: argparse.Namespace) -> list[Path]:
     pipe.scheduler.check_sampling_args(
         sampling.get("guidance_scale", 1.0), args.top_k, args.top_p, sampling.get("temperature", 1.0)
     )
-    # one generator per image: a sample depends only on (seed, class, index), not on batching or --class-labels
+    # one generator per image: on one device and dtype, a sample depends only on (seed, class, index), not on the
+    # batching or the other --class-labels
     jobs = [(c, i) for c in class_ids for i in range(args.num_per_class)]
     target = check_outputs(args, jobs)
     canvas, row_of = None, {c: row for row, c in enumerate(class_ids)}
     if not args.output_dir:
+        check_grid_size(target, len(class_ids), args.num_per_class, pipe.vqvae.image_size)
         canvas = GridCanvas([class_name(pipe, c) for c in class_ids], args.num_per_class, pipe.vqvae.image_size)
     written = []
     with tqdm(total=len(jobs), desc="Sampling", unit="img") as progress:
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start : start + args.batch_size]
-            generators = [torch.Generator().manual_seed(sample_seed(args.seed, c, i)) for c, i in chunk]
+            # on the sampling device: CPU generators would make a GPU draw every random number on the host
+            generators = [torch.Generator(device).manual_seed(sample_seed(args.seed, c, i)) for c, i in chunk]
             images = pipe(class_labels=[c for c, _ in chunk], generator=generators, **sampling).images
             for (class_id, index), image in zip(chunk, images):
                 if canvas is not None:

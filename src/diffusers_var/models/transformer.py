@@ -27,9 +27,9 @@ _MAX_LOGIT_SCALE = torch.tensor(100.0).log().item()
 
 
 def scale_level_ids(patch_nums, device: torch.device | None = None) -> torch.LongTensor:
-    """Scale index of each of the L positions, (L,)."""
-    sizes = torch.tensor([p * p for p in patch_nums], device=device)
-    return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
+    """Scale index of each of the L positions, (L,). Built on the host and copied once."""
+    sizes = torch.tensor([p * p for p in patch_nums])
+    return torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(device)
 
 
 class VARConfig(PretrainedConfig):
@@ -123,8 +123,8 @@ class VARTransformerOutput(ModelOutput):
     Attributes:
         loss: cross-entropy over all L positions, when ``labels`` are given.
         logits: (B, L, V) next-scale logits; with a ``kv_cache``, (B, pn², V) for the one scale computed.
-        cache: the :class:`VARKVCache` a cached call filled (``None`` in teacher forcing); transformers 5 names
-            this field ``cache`` (formerly ``past_key_values``).
+        cache: the :class:`VARKVCache` a cached call filled (``None`` in teacher forcing). Named as transformers
+            5.24 names it (earlier versions say ``past_key_values``; 5.24 renames that keyword to ``cache``).
         hidden_states: the input of the first block and the output of every block, when asked for.
         attentions: each block's attention weights (B, H, queries, keys), when asked for. In teacher forcing the
             keys are all L positions and the block-causal mask zeroes the finer scales; in a cached call they are
@@ -171,7 +171,7 @@ class VARKVCache:
         self.length += num_tokens
 
     def clone(self) -> VARKVCache:
-        """An independent copy (the filled prefix is copied), e.g. to branch one partial sample into several."""
+        """An independent copy (the whole preallocated buffers), e.g. to branch one partial sample into several."""
         copy = object.__new__(VARKVCache)
         copy.keys = [k.clone() for k in self.keys]
         copy.values = [v.clone() for v in self.values]
@@ -415,7 +415,7 @@ class VARTransformer(VARPreTrainedModel):
     r"""The VAR transformer: logits for every scale's token map given the class and all coarser scales.
 
     Training runs all scales at once under a block-causal mask (:meth:`forward`); sampling runs one scale at a time
-    against a preallocated KV cache (:meth:`forward_scale`).
+    against a preallocated KV cache, also through :meth:`forward` (``kv_cache=``, ``scale_index=``), so hooks see it.
 
     Example:
         ```py
@@ -471,8 +471,13 @@ class VARTransformer(VARPreTrainedModel):
         return [(end - p * p, end) for p, end in zip(self.config.patch_nums, ends)]
 
     def level_ids(self, device: torch.device | None = None) -> torch.LongTensor:
-        """Scale index of each position, (L,)."""
-        return scale_level_ids(self.config.patch_nums, device)
+        """Scale index of each position, (L,). Kept per device after the first call: copying it from the host at
+        every scale would make the device wait each time (not a buffer, so from_pretrained cannot leave it empty)."""
+        cache = self.__dict__.setdefault("_level_ids_per_device", {})
+        key = (str(device), tuple(self.config.patch_nums))
+        if key not in cache:
+            cache[key] = scale_level_ids(self.config.patch_nums, device)
+        return cache[key]
 
     def block_causal_mask(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
         """(L, L) additive mask: 0 where the key's scale ≤ the query's scale, −inf elsewhere."""
@@ -706,6 +711,6 @@ class VARTransformer(VARPreTrainedModel):
         scale_input: torch.Tensor | None,
         kv_cache: VARKVCache,
     ) -> torch.Tensor:
-        r"""Logits (B, pn², V) for scale ``scale_index``: ``self(class_labels, scale_input, kv_cache=kv_cache,
-        scale_index=scale_index).logits``, through ``forward`` so that hooks (offloading, casting) see it."""
+        r"""Logits (B, pn², V) for scale ``scale_index``: a shorthand for ``self(class_labels, scale_input,
+        kv_cache=kv_cache, scale_index=scale_index).logits`` (through ``forward``, so hooks see it)."""
         return self(class_labels, scale_input, kv_cache=kv_cache, scale_index=scale_index, return_dict=True).logits

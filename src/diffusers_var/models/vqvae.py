@@ -44,12 +44,13 @@ def keep_on_execution_device(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         hook = getattr(self, "_hf_hook", None)
-        if hook is not None:
-            if type(hook).__name__ == "CpuOffload":  # accelerate's model offload hook (not imported: it may be absent)
-                if next(self.parameters()).device != torch.device(hook.execution_device):
-                    self.to(hook.execution_device)
-            elif hasattr(hook, "pre_forward"):
-                hook.pre_forward(self)
+        hooks = getattr(hook, "hooks", [hook])  # accelerate's SequentialHook holds several
+        offload = next((h for h in hooks if type(h).__name__ == "CpuOffload"), None)  # (accelerate may be absent)
+        if offload is not None:  # model offload: join the transformer on the device without sending it away
+            if next(self.parameters()).device != torch.device(offload.execution_device):
+                self.to(offload.execution_device)
+        elif hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self)
         return method(self, *args, **kwargs)
 
     return wrapper

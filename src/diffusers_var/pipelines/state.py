@@ -17,7 +17,8 @@ class VARSamplingState:
     Attributes:
         class_labels: (B,) the class of each sample (``num_classes``, the null class, for an unconditional one).
         model_labels: the transformer's rows: ``class_labels``, or ``[class_labels; null]`` (2B) with guidance.
-        kv_cache: keys and values of every finished scale, for all rows of ``model_labels``.
+        kv_cache: keys and values of every finished scale, for all rows of ``model_labels`` (``None`` once the
+            loop is done and the cache freed).
         latents: f̂ so far, (B, Cvae, h, w): the sum of every finished scale's contribution, what the decoder turns
             into an image (a coarse one before the last scale).
         token_maps: the sampled codes, one (B, pn, pn) map per finished scale.
@@ -26,7 +27,7 @@ class VARSamplingState:
 
     class_labels: torch.LongTensor
     model_labels: torch.LongTensor
-    kv_cache: VARKVCache
+    kv_cache: VARKVCache | None
     latents: torch.Tensor
     token_maps: list[torch.LongTensor] = field(default_factory=list)
     finite: list[torch.Tensor] = field(default_factory=list)
@@ -50,7 +51,7 @@ class VARSamplingState:
         return VARSamplingState(
             class_labels=self.class_labels.clone(),
             model_labels=self.model_labels.clone(),
-            kv_cache=self.kv_cache.clone(),
+            kv_cache=None if self.kv_cache is None else self.kv_cache.clone(),
             latents=self.latents.clone(),
             token_maps=[t.clone() for t in self.token_maps],
             finite=list(self.finite),

@@ -189,8 +189,20 @@ class VARPipeline(DiffusionPipeline):
     def prepare_sampling_state(
         self, class_labels: torch.LongTensor, guided: bool, device: torch.device | None = None
     ) -> VARSamplingState:
-        """A state before the first scale for samples of ``class_labels`` (with null-class rows if ``guided``)."""
+        """A state before the first scale for samples of ``class_labels`` (with null-class rows if ``guided``).
+
+        The labels are checked here, once: ids in [0, num_classes] (``num_classes`` is the null class, an
+        unconditional sample); an id out of range would otherwise be a device-side assert on CUDA.
+        """
         device = device or self._execution_device
+        if not isinstance(class_labels, torch.Tensor) or class_labels.ndim != 1 or class_labels.is_floating_point():
+            raise ValueError(f"class_labels must be a 1-D integer tensor of class ids, got {class_labels!r}.")
+        num_classes = self.transformer.config.num_classes
+        if class_labels.numel() == 0 or int(class_labels.min()) < 0 or int(class_labels.max()) > num_classes:
+            raise ValueError(
+                f"class_labels must be a non-empty tensor of ids in [0, {num_classes}] ({num_classes} is "
+                f"unconditional), got {class_labels.tolist()}."
+            )
         class_labels = class_labels.to(device)
         null = torch.full_like(class_labels, self.transformer.config.num_classes)
         model_labels = torch.cat((class_labels, null)) if guided else class_labels
@@ -224,7 +236,15 @@ class VARPipeline(DiffusionPipeline):
         scale_input = None if si == 0 else self.vqvae.scale_input(state.latents, si)
         if scale_input is not None and state.guided:
             scale_input = torch.cat((scale_input, scale_input))
-        logits = self.transformer(state.model_labels, scale_input, kv_cache=state.kv_cache, scale_index=si).logits
+        logits = self.transformer(  # explicit flags: a config asking for tuples or attention maps must not apply here
+            state.model_labels,
+            scale_input,
+            kv_cache=state.kv_cache,
+            scale_index=si,
+            return_dict=True,
+            output_attentions=False,
+            output_hidden_states=False,
+        ).logits
         if state.guided and guidance_scale == 1.0:
             logits = logits[: state.batch_size]  # guidance switched off mid-call: the conditional rows alone
         step = self.scheduler.step(
@@ -236,9 +256,19 @@ class VARPipeline(DiffusionPipeline):
         state.latents = self.vqvae.accumulate_scale(state.latents, si, step.token_map, step.code_weights)
         return state
 
+    def decode_state(self, state: VARSamplingState, output_type: str = "pil"):
+        """The state's images as ``output_type``: raises :class:`NonFiniteError` first if any scale's logits were
+        not finite (the draws went on so the loop could finish, but the image would be noise)."""
+        self._check_finite_logits(state.finite)
+        return self.decode_latents(state.latents, output_type)
+
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
-        """Latents f̂ → images in [0, 1] as ``output_type`` (``"latent"`` returns them as they are)."""
+        """Latents f̂ → images in [0, 1] as ``output_type`` (``"latent"`` returns them as they are); NaN or inf in
+        the latents or the decoded pixels raise :class:`NonFiniteError`. (Only :meth:`decode_state` also knows
+        whether the logits that chose the tokens were finite.)"""
         if output_type == "latent":
+            if not bool(torch.isfinite(latents).all()):
+                raise NonFiniteError("The latents hold NaN or inf: the tokenizer's codebook or φ weights are damaged.")
             return latents
         images = (self.vqvae.decode(latents).clamp(-1, 1) + 1) / 2  # decode raises on NaN/inf pixels
         if output_type == "pt":
@@ -302,6 +332,11 @@ class VARPipeline(DiffusionPipeline):
             )
 
         if class_labels is None:
+            if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
+                raise ValueError(
+                    f"Got {len(generator)} generators for num_images_per_prompt={num_images_per_prompt} random-class "
+                    "images; pass one generator, or one per image."
+                )
             labels = self._random_class_labels(num_images_per_prompt, generator)
         else:
             labels = torch.tensor(self._class_ids(class_labels, allow_unconditional=True))
@@ -319,16 +354,29 @@ class VARPipeline(DiffusionPipeline):
             if callback_on_step_end is not None:
                 available = {"latents": state.latents, "token_maps": state.token_maps}
                 returned = callback_on_step_end(self, si, si, {name: available[name] for name in tensor_inputs})
-                state.latents = returned.pop("latents", state.latents)
+                state.latents = self._callback_latents(returned, state.latents, callback_on_step_end)
 
-        self._check_finite_logits(state.finite)
-        latents, labels, token_maps = state.latents, state.class_labels, state.token_maps
-        del state  # the KV cache is the largest buffer; free it before decoding
-        images = self.decode_latents(latents, output_type)
+        state.kv_cache = None  # the largest buffer: freed before decoding
+        images = self.decode_state(state, output_type)
+        labels, token_maps = state.class_labels, state.token_maps
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, labels, token_maps)
         return VARPipelineOutput(images=images, class_labels=labels, token_maps=token_maps)
+
+    @staticmethod
+    def _callback_latents(returned, latents: torch.Tensor, callback) -> torch.Tensor:
+        """The latents a callback returned (or the current ones), checked to be usable in their place."""
+        if not isinstance(returned, dict):
+            raise ValueError(
+                f"callback_on_step_end ({getattr(callback, '__name__', type(callback).__name__)}) must return the dict "
+                f"of tensors it was given (changed or not), got {type(returned).__name__}."
+            )
+        new = returned.pop("latents", latents)
+        if not isinstance(new, torch.Tensor) or new.shape != latents.shape:
+            shape = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise ValueError(f"A callback returned latents of shape {shape}; they must keep {tuple(latents.shape)}.")
+        return new.to(latents.device, latents.dtype)
 
     def _check_finite_logits(self, finite: list[torch.Tensor]) -> None:
         """Raise :class:`NonFiniteError` naming the first scale whose logits held NaN or inf (one device sync)."""
@@ -412,7 +460,7 @@ class VARPipeline(DiffusionPipeline):
             kwargs["dtype"] = torch.float32
         folder = name if os.path.isdir(name) else cls.download(name, **kwargs)
         if remote_code_layout(folder):
-            pipe = cls._from_remote_code_folder(folder, kwargs.get("dtype") or kwargs.get("torch_dtype"))
+            pipe = cls._from_remote_code_folder(folder, kwargs)
         else:
             pipe = super().from_pretrained(folder, **kwargs)
         pipe.register_to_config(_name_or_path=name)  # the repo id, not the snapshot it was read from
@@ -420,22 +468,41 @@ class VARPipeline(DiffusionPipeline):
 
     @classmethod
     @package_only
-    def _from_remote_code_folder(cls, folder: str, dtype) -> VARPipeline:
-        """A ``remote_code=True`` save, loaded with the package's own classes rather than the code beside it."""
+    def _from_remote_code_folder(cls, folder: str, kwargs: dict) -> VARPipeline:
+        """A ``remote_code=True`` save, loaded with the package's own classes rather than the code beside it.
+
+        Components passed in (``transformer=...``) are used as they are; ``dtype`` (one, or per component),
+        ``variant`` and ``use_safetensors`` reach the component loads; the Hub options were used by the download.
+        """
         import json
+
+        hub_options = {"cache_dir", "revision", "token", "local_files_only", "force_download", "proxies"}
+        model_options = {k: kwargs[k] for k in ("variant", "use_safetensors") if kwargs.get(k) is not None}
+        components = {k: kwargs[k] for k in ("vqvae", "transformer", "scheduler", "id2label") if k in kwargs}
+        unknown = set(kwargs) - hub_options - set(model_options) - set(components) - {"dtype", "torch_dtype"}
+        if unknown:
+            raise ValueError(
+                f"Loading a remote_code=True save with diffusers-var's classes does not take {sorted(unknown)}; "
+                "load the components yourself and pass them in (transformer=..., vqvae=...)."
+            )
+        dtype = kwargs.get("dtype") or kwargs.get("torch_dtype") or torch.float32
 
         def component_dtype(name: str) -> torch.dtype:
             return dtype.get(name, dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
 
         index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
-        return cls(
-            vqvae=MultiScaleVQVAE.from_pretrained(Path(folder, "vqvae"), dtype=component_dtype("vqvae")),
-            transformer=VARTransformer.from_pretrained(
-                Path(folder, "transformer"), dtype=component_dtype("transformer")
-            ).eval(),
-            scheduler=VARScaleScheduler.from_pretrained(Path(folder, "scheduler")),
-            id2label=index.get("id2label"),
-        )
+        if "vqvae" not in components:
+            components["vqvae"] = MultiScaleVQVAE.from_pretrained(
+                Path(folder, "vqvae"), dtype=component_dtype("vqvae"), **model_options
+            )
+        if "transformer" not in components:
+            components["transformer"] = VARTransformer.from_pretrained(
+                Path(folder, "transformer"), dtype=component_dtype("transformer"), **model_options
+            ).eval()
+        if "scheduler" not in components:
+            components["scheduler"] = VARScaleScheduler.from_pretrained(Path(folder, "scheduler"))
+        components.setdefault("id2label", index.get("id2label"))
+        return cls(**components)
 
     @classmethod
     @package_only

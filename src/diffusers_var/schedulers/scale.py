@@ -23,9 +23,9 @@ class VARSchedulerOutput(BaseOutput):
         code_weights: with Gumbel smoothing, the soft code weights (B, pn², V) that replace the hard embedding;
             otherwise ``None``.
         logits: the guided, temperature-scaled logits (B, pn², V) after filtering (−inf where filtered out).
-        finite: a 0-D bool tensor on the logits' device, False if the model's logits held NaN or inf (they were then
-            zeroed so the draw could not fail). Read it once after the last scale: reading it per scale would wait
-            for the device each time.
+        finite: a 0-D bool tensor on the logits' device, False if the model's logits held NaN or +inf, or a row of
+            nothing but −inf (:func:`finite_flag`; such logits were made drawable so the draw could not fail). Read it
+            once after the last scale: reading it per scale would wait for the device each time.
     """
 
     token_map: torch.LongTensor
@@ -57,14 +57,22 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int | None = 0, top_p: float
     return top_k_top_p_filter_(logits.clone(), top_k, top_p)
 
 
-def finite_flag(values: torch.Tensor) -> torch.Tensor:
-    """A 0-D bool tensor on ``values``' device, False if any value is NaN or ±inf; no host sync.
+def finite_flag(logits: torch.Tensor) -> torch.Tensor:
+    """A 0-D bool tensor on the logits' device, False if any row (last dimension) holds NaN or +inf or nothing but
+    −inf; no host sync. −inf elsewhere is a masked code, which is fine.
 
-    One reduction: min and max are NaN if any value is, ±inf if any is (20× cheaper on CPU than
-    ``isfinite(values).all()``, which materialises a mask).
+    One reduction: a row's max is NaN if any value is, +inf if any is, −inf only if all are (20× cheaper on CPU than
+    ``isfinite(logits).all()``, which materialises a mask).
     """
-    low, high = torch.aminmax(values)
-    return torch.isfinite(low) & torch.isfinite(high)
+    return torch.isfinite(logits.amax(dim=-1)).all()
+
+
+def make_drawable_(logits: torch.Tensor) -> torch.Tensor:
+    """In place: NaN and +inf (a broken model, or −inf − −inf under guidance where a code is masked in both halves)
+    become −inf, and a row left with nothing but −inf becomes uniform, so the draw cannot fail (on CUDA a failed
+    draw kills the process). Finite logits and masked (−inf) codes are untouched."""
+    logits.nan_to_num_(nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
+    return logits.masked_fill_(logits.amax(dim=-1, keepdim=True) == float("-inf"), 0.0)
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | list | None) -> torch.LongTensor:
@@ -213,7 +221,7 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"Scale {scale_index} has {side * side} positions, but the logits have {logits.shape[1]}.")
         if logits is model_output:
             logits = logits.clone()  # filtering works in place (as the official sampler does), but not on our input
-        logits.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # NaN/inf would crash the draw (on CUDA, the process)
+        make_drawable_(logits)
         if temperature != 1.0:
             logits.div_(temperature)
         batch, _, vocab = logits.shape
