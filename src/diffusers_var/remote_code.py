@@ -35,7 +35,7 @@ def package_only(method):
 
 # generated file → the package modules it is made of, in dependency order
 REMOTE_FILES: dict[str, tuple[str, ...]] = {
-    "modeling_var_transformer.py": ("models/transformer.py",),
+    "modeling_var_transformer.py": ("models/transformer_config.py", "models/kv_cache.py", "models/transformer.py"),
     "modeling_var_vqvae.py": (
         "validation.py",
         "models/autoencoder_blocks.py",

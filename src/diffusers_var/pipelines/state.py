@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.transformer import VARKVCache
+from ..models.kv_cache import VARKVCache
 
 
 @dataclass
