@@ -316,7 +316,8 @@ def convert(
     official_config: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> VARPipeline:
-    """Convert and save atomically: ``output`` is either complete or untouched.
+    """Convert and save: a new ``output`` appears complete or not at all; an earlier save there is replaced file by
+    file, its ``model_index.json`` last (see :meth:`VARPipeline.save_pretrained`).
 
     ``output`` must be new, empty, or an earlier pipeline save; ``overwrite=True`` writes beside other files there,
     replacing only the pipeline's own (see :meth:`VARPipeline.save_pretrained`). It is checked before the
