@@ -31,6 +31,7 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "torchmetrics>=1.4",  # FID, Inception Score and KID of `diffusers-var evaluate`
     ],
     extras_require={
         # peft: LoRA through transformers' integration (transformers 5.23 needs peft >= 0.20, 5.24 needs >= 0.22)

@@ -35,7 +35,7 @@ def test_registry_is_the_one_the_package_exports():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"'var-nope' is not a bundled model.*\['var-digits'\]"):
+    with pytest.raises(ValueError, match=r"'var-nope' is not a bundled model.*\['digits-classifier', 'var-digits'\]"):
         bundled_model_path("var-nope")
 
 

@@ -412,7 +412,7 @@ def test_push_to_hub_uploads_safetensors_and_a_model_card(tmp_path, monkeypatch)
 
 
 def test_make_model_card_unknown_template_lists_the_available_ones():
-    available = r"available: \['var', 'var-digits', 'var-lora', 'var-trained', 'vqvae-trained'\]"
+    available = r"available: \['digits-classifier', 'var', 'var-digits', 'var-lora', 'var-trained', 'vqvae-trained'\]"
     with pytest.raises(ValueError, match=r"'no-such-card'.*" + available):
         make_model_card(tiny_pipeline(), template="no-such-card")
 

@@ -1,4 +1,4 @@
-"""The ``diffusers-var`` command: ``diffusers-var convert ...`` and ``diffusers-var generate ...``.
+"""The ``diffusers-var`` command: ``diffusers-var convert|generate|evaluate ...``.
 
 Every error a user can cause (bad input, missing or damaged files, no GPU) ends the command with one line on
 stderr and a non-zero exit status, never a traceback. ``DIFFUSERS_VAR_TRACEBACK=1`` shows the traceback of an
@@ -11,7 +11,7 @@ import argparse
 import os
 from collections.abc import Callable
 
-from . import convert, generate
+from . import convert, evaluate, generate
 
 # errors that describe the user's input or environment (a RuntimeError: out of memory, a CUDA failure); anything
 # else, a TypeError included, is a bug and said to be unexpected
@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     generate.add_arguments(generate_parser)
     generate_parser.set_defaults(run=generate.generate)
+    evaluate_parser = commands.add_parser(
+        "evaluate",
+        help="FID, Inception Score, KID and precision/recall of samples against a reference",
+        description=evaluate.__doc__.split("\n\n")[0].replace("``", ""),
+    )
+    evaluate.add_arguments(evaluate_parser)
+    evaluate_parser.set_defaults(run=evaluate.evaluate)
     args = parser.parse_args(argv)
     run_command(parser, args.run, args)
 
