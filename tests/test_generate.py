@@ -219,3 +219,99 @@ def test_a_grid_too_large_for_its_format_is_refused_before_sampling():
         check_grid_size(Path("grid.webp"), 64, 8, 256)
     with pytest.raises(ValueError, match="more than fits in memory"):
         check_grid_size(Path("grid.png"), 1000, 8, 256)
+
+
+# -- sampling at scale: npz, resume, several processes -----------------------------------------------------------------
+
+
+def base_args(model_dir, *extra):
+    return ["generate", "--model", model_dir, "--class-labels", "1", "3", "5", "--num-per-class", "3",
+            "--batch-size", "2", "--seed", "7", *extra]  # fmt: skip
+
+
+def test_output_npz_alone_writes_the_adm_layout_and_no_grid(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_main(base_args(model_dir, "--output-npz", "s.npz"))
+    assert not (tmp_path / "grid.png").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with np.load(tmp_path / "s.npz") as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (9, 8, 8, 3)
+    assert labels.dtype == np.int64 and labels.tolist() == [1, 1, 1, 3, 3, 3, 5, 5, 5]
+    cli_main(base_args(model_dir, "--output-dir", "pngs", "--output-npz", "t.npz"))
+    order = [f"{c}_{i}.png" for c in (1, 3, 5) for i in range(3)]
+    pngs = np.stack([np.asarray(PIL.Image.open(tmp_path / "pngs" / name)) for name in order])
+    assert np.array_equal(pngs, images)  # the same pixels, in (class, index) order
+    with np.load(tmp_path / "t.npz") as data:
+        assert np.array_equal(data["arr_0"], images)
+    cli_main(base_args(model_dir, "--output-npz", "s.npz", "--seed", "8"))  # our own npz: replaced
+    np.savez(tmp_path / "theirs.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit):
+        cli_main(base_args(model_dir, "--output-npz", "theirs.npz"))
+
+
+def test_a_killed_run_resumes_without_redoing_finished_batches(model_dir, tmp_path, monkeypatch):
+    from diffusers_var import VARPipeline
+
+    cli_main(base_args(model_dir, "--output-npz", str(tmp_path / "straight.npz")))
+    call, calls = VARPipeline.__call__, []
+
+    def killed_after_two_batches(self, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill would stop it, mid-run
+        calls.append(kwargs["class_labels"])
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(VARPipeline, "__call__", killed_after_two_batches)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(base_args(model_dir, "--output-npz", str(tmp_path / "resumed.npz")))
+    assert exit_info.value.code == 130 and not (tmp_path / "resumed.npz").exists()
+    resumed_calls = []
+
+    def counting(self, *args, **kwargs):
+        resumed_calls.append(kwargs["class_labels"])
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(VARPipeline, "__call__", counting)
+    cli_main(base_args(model_dir, "--output-npz", str(tmp_path / "resumed.npz")))
+    assert resumed_calls == [[3, 3], [5, 5], [5]]  # batches 0 and 1 ([1, 1], [1, 3]) were not redone
+    with np.load(tmp_path / "straight.npz") as a, np.load(tmp_path / "resumed.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_resumed_run_must_be_the_same_run(model_dir, tmp_path, monkeypatch):
+    from diffusers_var import VARPipeline
+
+    call = VARPipeline.__call__
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VARPipeline, "__call__", killed)
+    with pytest.raises(SystemExit):
+        cli_main(base_args(model_dir, "--output-dir", str(tmp_path / "out")))
+    monkeypatch.setattr(VARPipeline, "__call__", call)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(base_args(model_dir, "--output-dir", str(tmp_path / "out"), "--top-k", "3"))
+    assert exit_info.value.code == 2
+    cli_main(base_args(model_dir, "--output-dir", str(tmp_path / "out"), "--top-k", "3", "--overwrite"))
+    assert len(list((tmp_path / "out").glob("*.png"))) == 9
+
+
+def test_two_processes_write_the_bytes_of_one(model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = [sys.executable, "-m", "diffusers_var.cli", *base_args(model_dir)]
+    subprocess.run([*one, "--output-dir", str(tmp_path / "one"), "--output-npz", str(tmp_path / "one.npz")],
+                   env=env, check=True, capture_output=True)  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m"]
+    two = [*launch, "diffusers_var.cli", *base_args(model_dir)]
+    result = subprocess.run([*two, "--output-dir", str(tmp_path / "two"), "--output-npz", str(tmp_path / "two.npz")],
+                            env=env, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
+    for png in sorted((tmp_path / "one").glob("*.png")):
+        assert png.read_bytes() == (tmp_path / "two" / png.name).read_bytes(), png.name

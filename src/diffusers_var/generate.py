@@ -16,11 +16,14 @@ EXIF ``Software`` tag).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
@@ -35,6 +38,7 @@ DEFAULT_MODEL = "var-digits"  # bundled with the package: the command works offl
 GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 SOFTWARE = "diffusers-var"
 _EXIF_SOFTWARE, _EXIF_DESCRIPTION = 0x0131, 0x010E
+NPZ_MARKER = "diffusers_var_settings"  # the run's settings, stored beside arr_0/arr_1 (the ADM evaluator ignores it)
 MIN_CELL = 128  # grid cells are scaled up (nearest) to at least this many pixels, so 32 px samples are readable
 GUTTER = 4
 
@@ -48,7 +52,14 @@ def sample_seed(seed: int, class_id: int, index: int) -> int:
 
 
 def written_by_us(path: Path) -> bool:
-    """Whether the image at ``path`` carries our EXIF ``Software`` tag (so replacing it loses nothing of the user's)."""
+    """Whether the file at ``path`` is one of ours (so replacing it loses nothing of the user's): an image carrying
+    our EXIF ``Software`` tag, or an ``.npz`` holding our ``diffusers_var_settings`` beside the ADM arrays."""
+    if path.suffix == ".npz":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return f"{NPZ_MARKER}.npy" in archive.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return False
     try:
         with PIL.Image.open(path) as image:
             return str(image.getexif().get(_EXIF_SOFTWARE, "")).startswith(SOFTWARE)
@@ -103,8 +114,15 @@ def _check_replaceable(path: Path, overwrite: bool, flag: str) -> None:
         )
 
 
-def check_outputs(args: argparse.Namespace, jobs: list[tuple[int, int]] | None = None) -> Path:
-    """Validate the output paths before any sampling; returns the grid file or the samples folder."""
+def check_outputs(args: argparse.Namespace, jobs: list[tuple[int, int]] | None = None) -> None:
+    """Validate the output paths before any sampling (``jobs``: the (class, index) of every sample, to check the
+    files a folder run would replace)."""
+    if getattr(args, "output_npz", None):
+        path = Path(args.output_npz)
+        if path.suffix != ".npz":
+            raise ValueError(f"--output-npz {path}: the file name must end in .npz.")
+        _check_replaceable(path, args.overwrite, "--output-npz")
+        _writable_folder(path.parent, "--output-npz's folder")
     if args.output_dir:
         folder = Path(args.output_dir)
         if folder.exists() and not folder.is_dir():
@@ -112,18 +130,26 @@ def check_outputs(args: argparse.Namespace, jobs: list[tuple[int, int]] | None =
         _writable_folder(folder, "--output-dir")
         for class_id, index in jobs or []:
             _check_replaceable(folder / f"{class_id}_{index}.png", args.overwrite, "--output-dir")
-        return folder
-    path = Path(args.output or "grid.png")
-    if path.is_dir():
-        raise ValueError(f"--output {path} is a folder; give a file name such as grid.png, or use --output-dir.")
-    if path.suffix.lower() not in GRID_FORMATS:
-        raise ValueError(
-            f"--output {path}: unsupported extension {path.suffix or '(none)'!r}; use one of "
-            f"{sorted(set(GRID_FORMATS))}."
-        )
-    _check_replaceable(path, args.overwrite, "--output")
-    _writable_folder(path.parent, "--output's folder")
-    return path
+    if wants_grid(args):
+        path = grid_path(args)
+        if path.is_dir():
+            raise ValueError(f"--output {path} is a folder; give a file name such as grid.png, or use --output-dir.")
+        if path.suffix.lower() not in GRID_FORMATS:
+            raise ValueError(
+                f"--output {path}: unsupported extension {path.suffix or '(none)'!r}; use one of "
+                f"{sorted(set(GRID_FORMATS))}."
+            )
+        _check_replaceable(path, args.overwrite, "--output")
+        _writable_folder(path.parent, "--output's folder")
+
+
+def wants_grid(args: argparse.Namespace) -> bool:
+    """A grid unless the run writes something else: --output, or no --output-dir and no --output-npz."""
+    return bool(args.output) or not (args.output_dir or getattr(args, "output_npz", None))
+
+
+def grid_path(args: argparse.Namespace) -> Path:
+    return Path(args.output or "grid.png")
 
 
 # the largest grid each format can hold (WebP and JPEG limit each side; PNG and TIFF are capped here at what fits in
@@ -268,6 +294,12 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = D
         "--output-dir", default=None, help="folder for one <class>_<index>.png per sample (default: a grid instead)"
     )
     parser.add_argument(
+        "--output-npz",
+        default=None,
+        help="also (or only) an .npz in the ADM evaluator's layout: arr_0 uint8 N×H×W×3, arr_1 labels, ordered by "
+        "(class, index) (default: none)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace existing files not written by diffusers-var (default: off)"
     )
 
@@ -287,13 +319,48 @@ def _parse_labels(values: list[str] | None, pipe: VARPipeline) -> list[int]:
     return ids
 
 
+def _process_state(device: torch.device):
+    """(rank, world size, device of this process, barrier) for runs started by accelerate launch or torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device, lambda: None
+    from accelerate import PartialState
+
+    from .training.launch import cpu_only
+
+    state = PartialState(cpu=cpu_only() or device.type == "cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", state.local_process_index)
+    return state.process_index, state.num_processes, device, state.wait_for_everyone
+
+
+def _work_folder(args: argparse.Namespace) -> Path:
+    from .generation_run import WORK_FOLDER
+
+    if args.output_dir:
+        return Path(args.output_dir) / WORK_FOLDER
+    first = Path(args.output_npz) if getattr(args, "output_npz", None) else grid_path(args)
+    return first.parent / f".{first.name}{WORK_FOLDER}"
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] float images → uint8, rounded as diffusers' ``numpy_to_pil`` does (so PNG, npz and grid agree)."""
+    return (images * 255).round().astype(np.uint8)
+
+
 def generate(args: argparse.Namespace) -> list[Path]:
-    """Run the command; returns the written paths."""
+    """Run the command; returns the written paths (those of this process)."""
+    from .generation_run import GenerationRun
+    from .training.launch import spawn_cpu_processes
+
     if args.num_per_class < 1:
         raise ValueError(f"--num-per-class must be ≥ 1, got {args.num_per_class}.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}.")
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spawn_cpu_processes()  # `accelerate launch --cpu --num_processes N` runs one process: start the N workers
+    rank, world, device, barrier = _process_state(
+        check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    )
     check_outputs(args)  # before the model loads: a wrong path fails in a second, not after the download
     pipe = VARPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -308,30 +375,73 @@ def generate(args: argparse.Namespace) -> list[Path]:
     # one generator per image: on one device and dtype, a sample depends only on (seed, class, index), not on the
     # batching or the other --class-labels
     jobs = [(c, i) for c in class_ids for i in range(args.num_per_class)]
-    target = check_outputs(args, jobs)
-    canvas, row_of = None, {c: row for row, c in enumerate(class_ids)}
-    if not args.output_dir:
-        check_grid_size(target, len(class_ids), args.num_per_class, pipe.vqvae.image_size)
-        canvas = GridCanvas([class_name(pipe, c) for c in class_ids], args.num_per_class, pipe.vqvae.image_size)
-    written = []
-    with tqdm(total=len(jobs), desc="Sampling", unit="img") as progress:
-        for start in range(0, len(jobs), args.batch_size):
-            chunk = jobs[start : start + args.batch_size]
+    batches = [jobs[start : start + args.batch_size] for start in range(0, len(jobs), args.batch_size)]
+    check_outputs(args, jobs)
+    if wants_grid(args):
+        check_grid_size(grid_path(args), len(class_ids), args.num_per_class, pipe.vqvae.image_size)
+    settings = {
+        "model": str(args.model), "class_ids": class_ids, "num_per_class": args.num_per_class, "seed": args.seed,
+        "batch_size": args.batch_size, "sampling": sampling, "dtype": args.dtype, "device": device.type,
+        "outputs": [str(args.output_dir or ""), str(getattr(args, "output_npz", None) or ""), str(args.output or "")],
+    }  # fmt: skip
+    run = GenerationRun(_work_folder(args), settings, len(batches), args.overwrite, check=rank == 0)
+    if rank == 0:
+        run.prepare()
+    barrier()
+    keep_shards = wants_grid(args) or bool(getattr(args, "output_npz", None))
+    written, mine = [], [b for b in run.batches_of(rank, world) if not run.is_done(b)]
+    with tqdm(total=len(jobs), desc="Sampling", unit="img", disable=rank != 0) as progress:
+        progress.update(len(jobs) - sum(len(batches[b]) for b in run.missing()))  # finished before a resume
+        for batch in mine:
+            chunk = batches[batch]
             # on the sampling device: CPU generators would make a GPU draw every random number on the host
             generators = [torch.Generator(device).manual_seed(sample_seed(args.seed, c, i)) for c, i in chunk]
-            images = pipe(class_labels=[c for c, _ in chunk], generator=generators, **sampling).images
-            for (class_id, index), image in zip(chunk, images):
-                if canvas is not None:
-                    canvas.paste(row_of[class_id], index, image)
-                    continue
-                path = target / f"{class_id}_{index}.png"
-                save_image_atomically(image, path, f"{args.model} class={class_id} index={index} seed={args.seed}")
-                written.append(path)
-            progress.update(len(chunk))
-    if canvas is not None:
-        save_image_atomically(canvas.grid, target, f"{args.model} seed={args.seed}")
-        written.append(target)
-        print(target)
+            images = pipe(class_labels=[c for c, _ in chunk], generator=generators, output_type="np", **sampling)
+            images = to_uint8(images.images)
+            if args.output_dir:
+                for (class_id, index), image in zip(chunk, images):
+                    path = Path(args.output_dir) / f"{class_id}_{index}.png"
+                    description = f"{args.model} class={class_id} index={index} seed={args.seed}"
+                    save_image_atomically(PIL.Image.fromarray(image), path, description)
+                    written.append(path)
+            if keep_shards:
+                run.save_shard(batch, images)
+            run.mark_done(batch)
+            progress.update(len(chunk) * (world if rank == 0 else 1))
+    barrier()
+    if rank == 0:
+        written += _assemble(args, run, pipe, class_ids, jobs, settings)
+    return written
+
+
+def _assemble(args, run, pipe: VARPipeline, class_ids: list[int], jobs, settings: dict) -> list[Path]:
+    """The main process, once every batch is done: the npz and the grid from the shards, in order."""
+    from .evaluation.samples import NpzWriter
+
+    missing = run.missing()
+    if missing:
+        raise RuntimeError(f"Batches {missing[:5]} of {run.folder} are not done; start the same command again.")
+    written = []
+    if getattr(args, "output_npz", None):
+        size = pipe.vqvae.image_size
+        what = {k: v for k, v in settings.items() if k != "outputs"}  # what the images are, not where they went
+        with NpzWriter(args.output_npz, len(jobs), (size, size), extra={NPZ_MARKER: json.dumps(what)}) as npz:
+            start = 0
+            for images in run.shards():
+                npz.write(images, [c for c, _ in jobs[start : start + len(images)]])
+                start += len(images)
+        written.append(Path(args.output_npz))
+    if wants_grid(args):
+        canvas = GridCanvas([class_name(pipe, c) for c in class_ids], args.num_per_class, pipe.vqvae.image_size)
+        row_of, start = {c: row for row, c in enumerate(class_ids)}, 0
+        for images in run.shards():
+            for (class_id, index), image in zip(jobs[start : start + len(images)], images):
+                canvas.paste(row_of[class_id], index, PIL.Image.fromarray(image))
+            start += len(images)
+        save_image_atomically(canvas.grid, grid_path(args), f"{args.model} seed={args.seed}")
+        written.append(grid_path(args))
+        print(grid_path(args))
+    run.remove()  # the run is complete: its records and shards are no longer needed
     return written
 
 

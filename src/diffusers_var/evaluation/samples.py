@@ -135,17 +135,27 @@ class NpzWriter:
         ```
     """
 
-    def __init__(self, path: str | os.PathLike, num_images: int, image_size: tuple[int, int]):
+    def __init__(
+        self, path: str | os.PathLike, num_images: int, image_size: tuple[int, int], extra: dict | None = None
+    ):
         from ..saving import current_umask
 
         self.path, self.num_images, self.image_size = Path(path), num_images, image_size
+        self.extra = extra or {}  # more arrays (name → array or str), after arr_0 and arr_1
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._umask = current_umask()
         self._archive = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._images = self._archive.open("arr_0.npy", "w", force_zip64=True)
+        self._images = self._archive.open(self._member("arr_0.npy"), "w", force_zip64=True)
         header = {"descr": "|u1", "fortran_order": False, "shape": (num_images, *image_size, 3)}
         np.lib.format.write_array_header_2_0(self._images, header)
         self._labels, self._written = [], 0
+
+    @staticmethod
+    def _member(name: str) -> zipfile.ZipInfo:
+        """A member with a fixed time stamp: the same images give the same bytes, whenever they are written."""
+        info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_STORED
+        return info
 
     def write(self, images: np.ndarray, labels) -> None:
         images = np.ascontiguousarray(images, dtype=np.uint8)
@@ -161,8 +171,11 @@ class NpzWriter:
             self._archive.close()
             self._tmp.unlink(missing_ok=True)
             raise ValueError(f"{self._written} images were written to {self.path}, {self.num_images} announced.")
-        with self._archive.open("arr_1.npy", "w") as handle:
+        with self._archive.open(self._member("arr_1.npy"), "w") as handle:
             np.lib.format.write_array(handle, np.asarray(self._labels, dtype=np.int64))
+        for name, value in self.extra.items():
+            with self._archive.open(self._member(f"{name}.npy"), "w") as handle:
+                np.lib.format.write_array(handle, np.asarray(value))
         self._archive.close()
         os.chmod(self._tmp, 0o666 & ~self._umask)
         os.replace(self._tmp, self.path)

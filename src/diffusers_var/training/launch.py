@@ -33,8 +33,8 @@ def requested_cpu_processes(parent: list[str] | None = None) -> int:
         return 1
     count, cpu = 1, False
     for i, part in enumerate(parent):
-        if part.endswith(".py") and not part.endswith(("accelerate", "launch.py")):
-            break  # the training script: what follows are its own arguments
+        if (part.endswith(".py") and not part.endswith(("accelerate", "launch.py"))) or part in ("-m", "--module"):
+            break  # the script (or module): what follows are its own arguments
         if part in ("--cpu", "--use_cpu"):
             cpu = True
         elif part in ("--num_processes", "--num-processes") and i + 1 < len(parent):
@@ -48,6 +48,16 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _relaunch_command() -> list[str]:
+    """This process's own command: ``python -m module args`` if it was started that way (a module's file run as a
+    script would lose its package, and its relative imports with it), else ``python script args``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        module = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return [sys.executable, "-m", module, *sys.argv[1:]]
+    return [sys.executable, *sys.argv]
 
 
 def spawn_cpu_processes() -> None:
@@ -69,7 +79,7 @@ def spawn_cpu_processes() -> None:
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
         }
-        workers.append(subprocess.Popen([sys.executable, *sys.argv], env=env))
+        workers.append(subprocess.Popen(_relaunch_command(), env=env))
     codes = [worker.wait() for worker in workers]
     sys.exit(max(codes, key=abs))
 
