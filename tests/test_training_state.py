@@ -118,5 +118,7 @@ def test_requested_cpu_processes_are_read_from_the_accelerate_command_line():
         == 2
     )
     assert requested_cpu_processes([*launch, "--num_processes", "2", "train.py"]) == 1  # GPUs: accelerate's job
+    module_launch = ["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    assert requested_cpu_processes([*module_launch, "-m", "diffusers_var.generate", "--num_processes", "5"]) == 2
     assert requested_cpu_processes([*launch, "--cpu", "train.py", "--num_processes", "4"]) == 1  # script's own arg
     assert requested_cpu_processes(["python", "train.py", "--cpu", "--num_processes", "2"]) == 1

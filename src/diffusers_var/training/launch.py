@@ -29,10 +29,17 @@ def _parent_command_line() -> list[str]:
 def requested_cpu_processes(parent: list[str] | None = None) -> int:
     """N from the parent ``accelerate launch ... --cpu --num_processes N`` command line, else 1."""
     parent = _parent_command_line() if parent is None else parent
-    if not any("accelerate" in part for part in parent[:3]) or "launch" not in " ".join(parent[:4]):
+    # The launcher's own options start after its `launch` word (`accelerate launch`, `python -m
+    # accelerate.commands.launch`, `python .../accelerate/commands/launch.py`): the `-m` of `python -m` before it is
+    # not the script's.
+    launch_word = [
+        i for i, part in enumerate(parent[:4]) if part == "launch" or part.endswith((".launch", "launch.py"))
+    ]
+    if not any("accelerate" in part for part in parent[:3]) or not launch_word:
         return 1
+    first = launch_word[0] + 1
     count, cpu = 1, False
-    for i, part in enumerate(parent):
+    for i, part in enumerate(parent[first:], start=first):
         if (part.endswith(".py") and not part.endswith(("accelerate", "launch.py"))) or part in ("-m", "--module"):
             break  # the script (or module): what follows are its own arguments
         if part in ("--cpu", "--use_cpu"):
