@@ -23,13 +23,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 import torch
 from tqdm.auto import tqdm
 
+from .evaluation.samples import to_uint8
 from .pipelines.var import VARPipeline
 from .saving import current_umask
 
@@ -43,9 +43,10 @@ MIN_CELL = 128  # grid cells are scaled up (nearest) to at least this many pixel
 GUTTER = 4
 
 
-def sample_seed(seed: int, class_id: int, index: int) -> int:
-    """A fixed, well-spread seed for each (run seed, class, index)."""
-    return (seed * 1_000_000_007 + class_id * 1_000_003 + index) % (2**63)
+def sample_seed(seed: int, class_id: int, index: int, candidate: int = 0) -> int:
+    """A fixed, well-spread seed for each (run seed, class, index) and rejection candidate; candidate 0 is the plain
+    sample, so rejection with one candidate gives plain generation's images."""
+    return (seed * 1_000_000_007 + class_id * 1_000_003 + index + candidate * 0x9E3779B97F4A7C15) % (2**63)
 
 
 # -- files -------------------------------------------------------------------------------------------------------
@@ -302,6 +303,41 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = D
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing files not written by diffusers-var (default: off)"
     )
+    rejection = parser.add_argument_group(
+        "rejection sampling", "keep the best of M candidates per image by a classifier's p(y|x), as VAR-d30-re does"
+    )
+    rejection.add_argument(
+        "--rejection-classifier",
+        default=None,
+        metavar="SPEC",
+        help="an AutoModelForImageClassification folder, repo id or bundled name (e.g. digits-classifier) whose "
+        "class ids are the model's (default: no rejection)",
+    )
+    rejection.add_argument(
+        "--oversample", type=_positive_int, default=None, metavar="M", help="candidates per image (default: 4)"
+    )
+    rejection.add_argument(
+        "--rejection-mode",
+        choices=("final", "early"),
+        default=None,
+        help="final: score finished images; early: score coarse previews at --rejection-scale and finish only the "
+        "best candidate (default: final)",
+    )
+    rejection.add_argument(
+        "--rejection-scale",
+        type=int,
+        default=None,
+        help="early mode: the scale (an index into patch_nums) whose preview is scored (default: the first scale at "
+        "least half the final side: 6, the 8×8 map, for VAR's 256 px models; 3 for var-digits)",
+    )
+    rejection.add_argument(
+        "--accept-threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="final mode: accept candidates with p(y|x) ≥ P, drawing each class's candidates (pooled over its images "
+        "in a batch) until it has --num-per-class accepted or M per image were tried (default: best of M)",
+    )
 
 
 def _parse_labels(values: list[str] | None, pipe: VARPipeline) -> list[int]:
@@ -343,11 +379,6 @@ def _work_folder(args: argparse.Namespace) -> Path:
     return first.parent / f".{first.name}{WORK_FOLDER}"
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[0, 1] float images → uint8, rounded as diffusers' ``numpy_to_pil`` does (so PNG, npz and grid agree)."""
-    return (images * 255).round().astype(np.uint8)
-
-
 def generate(args: argparse.Namespace) -> list[Path]:
     """Run the command; returns the written paths (those of this process)."""
     from .generation_run import GenerationRun
@@ -372,6 +403,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     pipe.scheduler.check_sampling_args(
         sampling.get("guidance_scale", 1.0), args.top_k, args.top_p, sampling.get("temperature", 1.0)
     )
+    sampler = _rejection_sampler(args, pipe, device)
     # one generator per image: on one device and dtype, a sample depends only on (seed, class, index), not on the
     # batching or the other --class-labels
     jobs = [(c, i) for c in class_ids for i in range(args.num_per_class)]
@@ -384,20 +416,39 @@ def generate(args: argparse.Namespace) -> list[Path]:
         "batch_size": args.batch_size, "sampling": sampling, "dtype": args.dtype, "device": device.type,
         "outputs": [str(args.output_dir or ""), str(getattr(args, "output_npz", None) or ""), str(args.output or "")],
     }  # fmt: skip
+    if sampler is not None:
+        settings["rejection"] = {
+            "classifier": sampler.verifier.description, "oversample": sampler.oversample, "mode": sampler.mode,
+            "rejection_scale": sampler.rejection_scale, "accept_threshold": sampler.accept_threshold,
+        }  # fmt: skip
     run = GenerationRun(_work_folder(args), settings, len(batches), args.overwrite, check=rank == 0)
     if rank == 0:
         run.prepare()
     barrier()
     keep_shards = wants_grid(args) or bool(getattr(args, "output_npz", None))
     written, mine = [], [b for b in run.batches_of(rank, world) if not run.is_done(b)]
+    spent = [0, 0]  # this process's accepted images and candidates, for the progress bar
     with tqdm(total=len(jobs), desc="Sampling", unit="img", disable=rank != 0) as progress:
         progress.update(len(jobs) - sum(len(batches[b]) for b in run.missing()))  # finished before a resume
         for batch in mine:
             chunk = batches[batch]
             # on the sampling device: CPU generators would make a GPU draw every random number on the host
-            generators = [torch.Generator(device).manual_seed(sample_seed(args.seed, c, i)) for c, i in chunk]
-            images = pipe(class_labels=[c for c, _ in chunk], generator=generators, output_type="np", **sampling)
-            images = to_uint8(images.images)
+            if sampler is None:
+                generators = [torch.Generator(device).manual_seed(sample_seed(args.seed, c, i)) for c, i in chunk]
+                images = pipe(class_labels=[c for c, _ in chunk], generator=generators, output_type="np", **sampling)
+                images, record = to_uint8(images.images), {}
+            else:
+                generators = [
+                    [
+                        torch.Generator(device).manual_seed(sample_seed(args.seed, c, i, m))
+                        for m in range(args.oversample)
+                    ]
+                    for c, i in chunk
+                ]
+                kept = sampler([c for c, _ in chunk], generators, **sampling)
+                images, record = kept.images, rejection_record(kept)
+                spent = [a + b for a, b in zip(spent, (record["accepted"], record["candidates"]))]
+                progress.set_postfix(accepted=f"{spent[0] / spent[1]:.0%}", refresh=False)
             if args.output_dir:
                 for (class_id, index), image in zip(chunk, images):
                     path = Path(args.output_dir) / f"{class_id}_{index}.png"
@@ -406,12 +457,76 @@ def generate(args: argparse.Namespace) -> list[Path]:
                     written.append(path)
             if keep_shards:
                 run.save_shard(batch, images)
-            run.mark_done(batch)
+            run.mark_done(batch, record)
             progress.update(len(chunk) * (world if rank == 0 else 1))
     barrier()
     if rank == 0:
+        if sampler is not None:
+            settings["rejection"]["totals"] = rejection_totals(run.records())
+            print(rejection_summary(settings["rejection"]))
         written += _assemble(args, run, pipe, class_ids, jobs, settings)
     return written
+
+
+# -- rejection sampling -------------------------------------------------------------------------------------------
+
+
+REJECTION_COUNTS = ("images", "candidates", "accepted", "transformer_tokens", "plain_tokens", "previews_decoded")
+
+
+def _rejection_sampler(args: argparse.Namespace, pipe: VARPipeline, device: torch.device):
+    """The :class:`~diffusers_var.search.RejectionSampler` the flags ask for, or ``None`` (flags that need
+    ``--rejection-classifier`` without it are an error, not ignored)."""
+    from .search import ClassifierVerifier, RejectionSampler
+
+    options = {
+        "--oversample": args.oversample, "--rejection-mode": args.rejection_mode,
+        "--rejection-scale": args.rejection_scale, "--accept-threshold": args.accept_threshold,
+    }  # fmt: skip
+    if args.rejection_classifier is None:
+        given = [flag for flag, value in options.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} configure rejection sampling; add --rejection-classifier SPEC.")
+        return None
+    args.oversample = args.oversample or 4
+    verifier = ClassifierVerifier(args.rejection_classifier, device)
+    verifier.check_classes(pipe.transformer.config.num_classes)
+    try:
+        return RejectionSampler(
+            pipe, verifier, args.oversample, args.rejection_mode or "final", args.rejection_scale, args.accept_threshold
+        )
+    except ValueError as error:  # name the flags rather than the Python arguments
+        message = str(error).replace("rejection_scale", "--rejection-scale").replace("mode=", "--rejection-mode ")
+        raise ValueError(message.replace("accept_threshold", "--accept-threshold")) from None
+
+
+def rejection_record(kept) -> dict:
+    """What a batch's rejection cost and kept, for the run's records."""
+    counts = {name: getattr(kept, name) for name in REJECTION_COUNTS if name != "images"}
+    return {"images": len(kept.class_labels), **counts}
+
+
+def rejection_totals(records) -> dict:
+    totals = dict.fromkeys(REJECTION_COUNTS, 0)
+    for record in records:
+        for name in REJECTION_COUNTS:
+            totals[name] += record.get(name, 0)
+    totals["acceptance_rate"] = totals["accepted"] / max(totals["candidates"], 1)
+    totals["relative_compute"] = totals["transformer_tokens"] / max(totals["plain_tokens"], 1)
+    return totals
+
+
+def rejection_summary(rejection: dict) -> str:
+    totals = rejection["totals"]
+    where = f" at scale {rejection['rejection_scale']}" if rejection["mode"] == "early" else ""
+    threshold = f", p(y|x) ≥ {rejection['accept_threshold']}" if rejection["accept_threshold"] is not None else ""
+    previews = f", {totals['previews_decoded']} previews decoded" if totals["previews_decoded"] else ""
+    return (
+        f"Rejection ({rejection['mode']}{where}, M={rejection['oversample']}{threshold}, "
+        f"{rejection['classifier']['extractor']}): {totals['images']} images kept from {totals['candidates']} "
+        f"candidates, {totals['accepted']} accepted (acceptance rate {totals['acceptance_rate']:.1%}); transformer "
+        f"compute {totals['relative_compute']:.2f}× plain sampling{previews}."
+    )
 
 
 def _assemble(args, run, pipe: VARPipeline, class_ids: list[int], jobs, settings: dict) -> list[Path]:

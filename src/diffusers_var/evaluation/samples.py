@@ -20,6 +20,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SAMPLE_NAME = re.compile(r"^(\d+)_(\d+)\.[A-Za-z]+$")  # diffusers-var generate --output-dir: <class id>_<index>.png
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] float images → uint8, rounded as diffusers' ``numpy_to_pil`` does (so PNG, npz and grid agree)."""
+    return (images * 255).round().astype(np.uint8)
+
+
 def _npy_header(handle) -> tuple[tuple[int, ...], np.dtype]:
     version = np.lib.format.read_magic(handle)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0

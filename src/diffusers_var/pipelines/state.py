@@ -23,6 +23,8 @@ class VARSamplingState:
             into an image (a coarse one before the last scale).
         token_maps: the sampled codes, one (B, pn, pn) map per finished scale.
         finite: per finished scale, a 0-D bool tensor on the device, False if its logits held NaN or inf.
+        generators: one ``torch.Generator`` per sample when the call was given one per image (``None`` otherwise):
+            they follow the samples through :meth:`select`, so a kept sample goes on drawing from its own.
     """
 
     class_labels: torch.LongTensor
@@ -31,6 +33,7 @@ class VARSamplingState:
     latents: torch.Tensor
     token_maps: list[torch.LongTensor] = field(default_factory=list)
     finite: list[torch.Tensor] = field(default_factory=list)
+    generators: list[torch.Generator] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -46,8 +49,32 @@ class VARSamplingState:
         """Whether the transformer runs an unconditional row beside each sample (needed for guidance)."""
         return self.model_labels.shape[0] == 2 * self.batch_size
 
+    def select(self, rows: torch.LongTensor) -> VARSamplingState:
+        """A new state holding the samples ``rows`` (indices into the batch), with their unconditional rows, cache,
+        latents and generators: e.g. the best of several candidates, to finish only those.
+
+        A row taken twice shares its generator object between the copies (so their draws interleave); give the
+        copies generators of their own (``state.generators = [...]``) to branch them independently.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if rows.ndim != 1 or (rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < self.batch_size):
+            raise ValueError(f"rows must be a 1-D tensor of indices in [0, {self.batch_size}), got {rows.tolist()}.")
+        model_rows = torch.cat((rows, rows + self.batch_size)) if self.guided else rows
+        return VARSamplingState(
+            class_labels=self.class_labels[rows.to(self.class_labels.device)],
+            model_labels=self.model_labels[model_rows.to(self.model_labels.device)],
+            kv_cache=None
+            if self.kv_cache is None
+            else self.kv_cache.select(model_rows.to(self.kv_cache.keys[0].device)),
+            latents=self.latents[rows.to(self.latents.device)],
+            token_maps=[t[rows.to(t.device)] for t in self.token_maps],
+            finite=list(self.finite),
+            generators=None if self.generators is None else [self.generators[r] for r in rows.tolist()],
+        )
+
     def clone(self) -> VARSamplingState:
-        """An independent copy, the KV cache included, to continue one partial sample along several branches."""
+        """An independent copy, the KV cache included, to continue one partial sample along several branches. The
+        generator objects are shared, not copied: give a branch its own (``state.generators = [...]``)."""
         return VARSamplingState(
             class_labels=self.class_labels.clone(),
             model_labels=self.model_labels.clone(),
@@ -55,4 +82,5 @@ class VARSamplingState:
             latents=self.latents.clone(),
             token_maps=[t.clone() for t in self.token_maps],
             finite=list(self.finite),
+            generators=None if self.generators is None else list(self.generators),
         )

@@ -294,6 +294,7 @@ class VARPipeline(DiffusionPipeline):
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        state_callback: Callable[[VARPipeline, int, VARSamplingState], VARSamplingState | None] | None = None,
     ) -> VARPipelineOutput | tuple:
         r"""Generate images of the given classes.
 
@@ -315,6 +316,11 @@ class VARPipeline(DiffusionPipeline):
                 the maps sampled so far); returning a new ``"latents"`` changes what the next scales see. A callback
                 may set ``pipe._guidance_scale`` for the remaining scales, or ``pipe._interrupt = True`` to stop and
                 decode the coarser image it has. diffusers' ``PipelineCallback`` classes work too.
+            state_callback: called after each scale (after ``callback_on_step_end``) as ``fn(pipe, scale_index,
+                state)`` with the whole :class:`VARSamplingState`; it may return another state to continue with,
+                of any batch size, e.g. ``state.select(rows)`` to finish only the best of several candidates
+                (rejection sampling and search over scales are built on this). With one generator per image, the
+                state's ``generators`` follow its rows. The output holds the final state's images and labels.
 
         Defaults are the official FID settings (cfg 1.5, top-k 900, top-p 0.96).
         """
@@ -346,15 +352,20 @@ class VARPipeline(DiffusionPipeline):
         self._num_timesteps = self.scheduler.num_scales
         self.scheduler.set_timesteps(device=self._execution_device)
         state = self.prepare_sampling_state(labels, guided=guidance_scale != 1.0)
+        if isinstance(generator, (list, tuple)):
+            state.generators = list(generator)
         for si in self.progress_bar(range(self.scheduler.num_scales)):
             if self.interrupt:
                 break
             self.scheduler.check_sampling_args(self._guidance_scale, top_k, top_p, temperature, more_smooth)
-            self.sample_next_scale(state, self._guidance_scale, top_k, top_p, temperature, more_smooth, generator)
+            generators = generator if state.generators is None else state.generators
+            self.sample_next_scale(state, self._guidance_scale, top_k, top_p, temperature, more_smooth, generators)
             if callback_on_step_end is not None:
                 available = {"latents": state.latents, "token_maps": state.token_maps}
                 returned = callback_on_step_end(self, si, si, {name: available[name] for name in tensor_inputs})
                 state.latents = self._callback_latents(returned, state.latents, callback_on_step_end)
+            if state_callback is not None:
+                state = self._callback_state(state_callback(self, si, state), state, state_callback)
 
         state.kv_cache = None  # the largest buffer: freed before decoding
         images = self.decode_state(state, output_type)
@@ -377,6 +388,27 @@ class VARPipeline(DiffusionPipeline):
             shape = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
             raise ValueError(f"A callback returned latents of shape {shape}; they must keep {tuple(latents.shape)}.")
         return new.to(latents.device, latents.dtype)
+
+    @staticmethod
+    def _callback_state(returned, state: VARSamplingState, callback) -> VARSamplingState:
+        """The state a ``state_callback`` returned (``None``: the same one), checked to be one the loop can go on
+        with."""
+        if returned is None:
+            return state
+        name = getattr(callback, "__name__", type(callback).__name__)
+        if not isinstance(returned, VARSamplingState):
+            raise ValueError(f"state_callback ({name}) must return a VARSamplingState or None, got {type(returned)}.")
+        if returned.scale_index != state.scale_index or returned.guided != state.guided:
+            raise ValueError(
+                f"state_callback ({name}) returned a state at scale {returned.scale_index} (guided: "
+                f"{returned.guided}); the loop is at scale {state.scale_index} (guided: {state.guided})."
+            )
+        if returned.generators is not None and len(returned.generators) != returned.batch_size:
+            raise ValueError(
+                f"state_callback ({name}) returned {len(returned.generators)} generators for "
+                f"{returned.batch_size} samples; give one per sample (state.select keeps them aligned)."
+            )
+        return returned
 
     def _check_finite_logits(self, finite: list[torch.Tensor]) -> None:
         """Raise :class:`NonFiniteError` naming the first scale whose logits held NaN or inf (one device sync)."""
