@@ -119,17 +119,41 @@ class TransformersImageModel(ImageModel):
         return self.model(pixel_values=self._pixel_values(images)).logits.float().log_softmax(-1).cpu()
 
     def describe(self) -> dict:
-        processor = type(self.processor).__name__ if self.processor is not None else None
-        size = getattr(self.processor, "size", None)
         return {
             "extractor": self.name,
             "class": type(self.model).__name__,
             "weights_sha256": _weights_digest(
                 list(self.folder.glob("*.safetensors")) or list(self.folder.glob("*.bin"))
             ),
-            "resize": f"{processor} to {size}" if processor else "none (images at their own size, ImageNet-normalised)",
+            "resize": _describe_resize(self.processor),
             "dtype": str(self.dtype).replace("torch.", ""),
         }
+
+
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _describe_resize(processor) -> str:
+    """What an image processor does to an image's size, in words: ``"ViTImageProcessorPil: bilinear to 32×32"``."""
+    if processor is None:
+        return "none (images at their own size, ImageNet-normalised)"
+    name = type(processor).__name__
+    size = getattr(processor, "size", None)
+    if not getattr(processor, "do_resize", True) or size is None:
+        return f"{name}: no resizing"
+    size = {key: value for key, value in dict(vars(size) if hasattr(size, "__dict__") else size).items() if value}
+    if "height" in size and "width" in size:
+        target = f"{size['height']}×{size['width']}"
+    else:
+        target = ", ".join(f"{key} {value}" for key, value in size.items())
+    resample = getattr(processor, "resample", None)
+    resample = _RESAMPLE_NAMES.get(int(resample), str(resample)) if resample is not None else "default filter"
+    described = f"{name}: {resample} to {target}"
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop is not None:
+        crop = {key: value for key, value in dict(vars(crop) if hasattr(crop, "__dict__") else crop).items() if value}
+        described += f", centre crop {crop.get('height')}×{crop.get('width')}"
+    return described
 
 
 class InceptionImageModel(ImageModel):
