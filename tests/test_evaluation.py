@@ -189,6 +189,12 @@ def test_evaluate_agrees_with_an_independent_computation_and_its_statistics(digi
     assert from_stats["fid"] == pytest.approx(report["fid"], rel=1e-9) and from_stats["kid_mean"] is None
     assert from_stats["reference_statistics"] == "stored in the reference file"
 
+    # lower precision is an explicit choice, and recorded: bf16 features move FID a little, not by an order
+    cli_main([*args, "--dtype", "bf16", "--output", str(tmp_path / "m3.json")])
+    bf16 = json.loads((tmp_path / "m3.json").read_text())
+    assert bf16["dtype"] == "bfloat16" and bf16["sample_dtype"] == "uint8" and bf16["statistics_dtype"] == "float64"
+    assert bf16["fid"] != report["fid"] and bf16["fid"] == pytest.approx(report["fid"], rel=0.5)
+
 
 def test_evaluate_errors_are_one_line_and_name_the_file(digit_sets, tmp_path, capsys):
     a, b = digit_sets
@@ -208,6 +214,8 @@ def test_evaluate_errors_are_one_line_and_name_the_file(digit_sets, tmp_path, ca
         (["--reference", str(tmp_path / "no_stats.npz")], "holds neither statistics (mu, sigma) nor images (arr_0)"),
         (["--features", str(tmp_path / "nothing-here")], "Cannot load the image model"),
         (["--features", f"inception={tmp_path / 'missing.pth'}"], "no such weights file"),
+        (["--features", "inception=x.pth", "--dtype", "bf16"], "the FID Inception network runs in fp32"),
+        (["--device", "foo"], "--device 'foo' is not a device name"),
     ]
     for change, message in cases:
         args = {"--samples": str(a), "--reference": str(b), "--features": "digits-classifier"}

@@ -95,7 +95,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     reference_path = Path(args.reference)
     if not reference_path.exists():
         raise ValueError(f"--reference {reference_path} does not exist.")
-    model = load_image_model(args.features, args.device)
+    from .generate import DTYPES, check_device
+
+    dtype = DTYPES[args.dtype]
+    if args.features.startswith("inception=") and dtype != torch.float32:
+        raise ValueError(
+            f"--dtype {args.dtype}: the FID Inception network runs in fp32, as the published FIDs were measured; "
+            "drop --dtype (lower precision moves FID, see the README)."
+        )
+    model = load_image_model(args.features, check_device(args.device), dtype)
     samples = ImageSet(args.samples)
     stored = read_statistics(reference_path, model) if reference_path.suffix == ".npz" else None
     reference_images = ImageSet(reference_path) if _has_images(reference_path) else None
@@ -131,6 +139,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "samples": str(args.samples),
         "reference": str(args.reference),
         "image_size": list(samples.image_size),
+        "sample_dtype": "uint8",  # PNG/npz pixels as written: nothing is re-quantised or resized before the extractor
+        "statistics_dtype": "float64",
     }
     if args.save_stats:
         _write_json_or_npz(
@@ -179,7 +189,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="metrics.json", help="the metrics JSON (default: metrics.json)")
     parser.add_argument("--save-stats", default=None, help="also write the reference's statistics to this .npz")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--device", default="cpu", help="(default: cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="the feature network's weights and compute; published FIDs use fp32 (default: fp32)",
+    )
     parser.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default: 10)")
     parser.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default: 100)")
     parser.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default: 1000)")
