@@ -279,7 +279,7 @@ def test_a_killed_run_resumes_without_redoing_finished_batches(model_dir, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_a_resumed_run_must_be_the_same_run(model_dir, tmp_path, monkeypatch):
+def test_a_resumed_run_must_be_the_same_run(model_dir, tmp_path, monkeypatch, capsys):
     from diffusers_var import VARPipeline
 
     call = VARPipeline.__call__
@@ -294,6 +294,10 @@ def test_a_resumed_run_must_be_the_same_run(model_dir, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(base_args(model_dir, "--output-dir", str(tmp_path / "out"), "--top-k", "3"))
     assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "records an unfinished run with other settings (sampling.top_k differ)" in error and "--overwrite" in error
+    ), error
     cli_main(base_args(model_dir, "--output-dir", str(tmp_path / "out"), "--top-k", "3", "--overwrite"))
     assert len(list((tmp_path / "out").glob("*.png"))) == 9
 

@@ -26,6 +26,18 @@ from .saving import current_umask, write_text_atomically
 WORK_FOLDER = ".diffusers-var-generate"
 
 
+def _differences(previous: dict, current: dict, prefix: str = "") -> list[str]:
+    """The (dotted) keys whose values differ, nested settings included: ``["sampling.top_k"]``."""
+    changed = []
+    for key in sorted(set(previous) | set(current)):
+        old, new = previous.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
 class GenerationRun:
     """The batches of one run, which of them are done, and the shards of those bound for an npz or a grid."""
 
@@ -38,10 +50,11 @@ class GenerationRun:
         if check and stored.is_file():
             previous = json.loads(stored.read_text(encoding="utf-8"))
             if previous != settings and not overwrite:
-                changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+                changed = _differences(previous, settings)
                 raise ValueError(
-                    f"{self.folder.parent} holds a run started with other settings ({', '.join(changed)} differ), "
-                    "which this one would mix with. Use another output, or --overwrite to start over."
+                    f"{self.folder} records an unfinished run with other settings ({', '.join(changed)} differ), "
+                    "which this one would mix with. Rerun that command to finish it, use another output, or "
+                    "--overwrite to start over."
                 )
             if previous != settings:  # --overwrite: the old run's records are ours to drop
                 shutil.rmtree(self.folder)
