@@ -78,7 +78,9 @@ def frechet_inception_distance(reference: FeatureStatistics, samples: FeatureSta
         setattr(metric, f"{prefix}_features_cov_sum", sigma * (count - 1) + count * torch.outer(mu, mu))
         setattr(metric, f"{prefix}_features_num_samples", torch.tensor(count))
     metric.orig_dtype = torch.float64
-    return float(metric.compute())
+    with warnings.catch_warnings():  # the states were set above, not by `update`: torchmetrics cannot know that
+        warnings.filterwarnings("ignore", message=r".*called before the ``update`` method", category=UserWarning)
+        return float(metric.compute())
 
 
 def inception_score(log_probs: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
