@@ -50,30 +50,38 @@ def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespa
         parser.exit(status, f"error: {message}\n")
 
 
+def _commands() -> dict[str, tuple[object, Callable[[argparse.Namespace], object], str]]:
+    """Each command: its module (``add_arguments`` and the docstring), the function that runs it, its help line."""
+    return {
+        "convert": (convert, convert.run, "official VAR checkpoints → a VARPipeline folder"),
+        "generate": (generate, generate.generate, "sample class-conditional images from a VARPipeline"),
+        "evaluate": (
+            evaluate,
+            evaluate.evaluate,
+            "FID, Inception Score, KID and precision/recall of samples against a reference",
+        ),
+    }
+
+
+def _description(module) -> str:
+    return module.__doc__.split("\n\n")[0].replace("``", "")
+
+
+def command_main(name: str, argv: list[str] | None = None) -> None:
+    """``python -m diffusers_var.<name> ...``: the same as ``diffusers-var <name> ...``."""
+    module, run, _ = _commands()[name]
+    parser = ArgumentParser(prog=f"diffusers-var {name}", description=_description(module))
+    module.add_arguments(parser)
+    run_command(parser, run, parser.parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="diffusers-var", description="VAR for diffusers and transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
-    convert_parser = commands.add_parser(
-        "convert",
-        help="official VAR checkpoints → a VARPipeline folder",
-        description=convert.__doc__.split("\n\n")[0].replace("``", ""),
-    )
-    convert.add_arguments(convert_parser)
-    convert_parser.set_defaults(run=convert.run)
-    generate_parser = commands.add_parser(
-        "generate",
-        help="sample class-conditional images from a VARPipeline",
-        description=generate.__doc__.split("\n\n")[0].replace("``", ""),
-    )
-    generate.add_arguments(generate_parser)
-    generate_parser.set_defaults(run=generate.generate)
-    evaluate_parser = commands.add_parser(
-        "evaluate",
-        help="FID, Inception Score, KID and precision/recall of samples against a reference",
-        description=evaluate.__doc__.split("\n\n")[0].replace("``", ""),
-    )
-    evaluate.add_arguments(evaluate_parser)
-    evaluate_parser.set_defaults(run=evaluate.evaluate)
+    for name, (module, run, help_line) in _commands().items():
+        command_parser = commands.add_parser(name, help=help_line, description=_description(module))
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(run=run)
     args = parser.parse_args(argv)
     run_command(parser, args.run, args)
 

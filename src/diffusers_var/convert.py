@@ -393,12 +393,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import ArgumentParser, run_command
+    """``python -m diffusers_var.convert``: the same as ``diffusers-var convert``."""
+    from .cli import command_main
 
-    parser = ArgumentParser(prog="diffusers-var convert", description=__doc__.split("\n\n")[0].replace("``", ""))
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    run_command(parser, run, args)
+    command_main("convert", argv)
 
 
 if __name__ == "__main__":

@@ -204,11 +204,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m diffusers_var.evaluate``: the same as ``diffusers-var evaluate``."""
-    from .cli import ArgumentParser, run_command
+    from .cli import command_main
 
-    parser = ArgumentParser(prog="diffusers-var evaluate", description=__doc__.split("\n\n")[0].replace("``", ""))
-    add_arguments(parser)
-    run_command(parser, evaluate, parser.parse_args(argv))
+    command_main("evaluate", argv)
 
 
 if __name__ == "__main__":

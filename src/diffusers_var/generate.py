@@ -562,11 +562,9 @@ def _assemble(args, run, pipe: VARPipeline, class_ids: list[int], jobs, settings
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m diffusers_var.generate``: the same as ``diffusers-var generate``."""
-    from .cli import ArgumentParser, run_command
+    from .cli import command_main
 
-    parser = ArgumentParser(prog="diffusers-var generate", description=__doc__.split("\n\n")[0].replace("``", ""))
-    add_arguments(parser)
-    run_command(parser, generate, parser.parse_args(argv))
+    command_main("generate", argv)
 
 
 if __name__ == "__main__":
