@@ -197,3 +197,37 @@ def test_console_script_converts(tmp_path):
     for out in ("a", "b"):
         assert (tmp_path / out / "model_index.json").is_file()
         assert (tmp_path / out / "transformer" / "model.safetensors").is_file()
+
+
+@torch.no_grad()
+def test_zero_shot_inpainting_matches_official(case):
+    """VARInpaintPipeline against the official notebook's autoregressive_infer_cfg_with_mask: the per-scale keep
+    masks, the effective tokens (kept and sampled) and the image."""
+    from diffusers_var import VARInpaintPipeline
+    from diffusers_var.pipelines.image_inputs import keep_masks
+
+    pipe, ref, config = case
+    pipe = VARInpaintPipeline(**pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    call, patch_nums = config["inpaint_call"], tuple(pipe.vqvae.config.patch_nums)
+    mask_image = 1 - ref["inpaint_edit_mask"]  # the official mask keeps (1); diffusers' mask regenerates (1)
+    keep = keep_masks(mask_image[None, None], patch_nums)
+    assert torch.equal(flatten(keep).expand(2, -1).long(), ref["inpaint_force_gt_BL"].long()), "keep masks differ"
+
+    sizes = [side * side for side in patch_nums]
+    token_maps = [t.reshape(-1, s, s) for t, s in zip(ref["inpaint_input_idx_BL"].split(sizes, 1), patch_nums)]
+    null = config["var_kwargs"]["num_classes"]
+    kwargs = dict(
+        mask_image=mask_image,
+        class_labels=[None if c == null else c for c in ref["inpaint_labels"].tolist()],  # null class: in-painting
+        guidance_scale=1 + call["cfg"],
+        top_k=call["top_k"],
+        top_p=call["top_p"] or 1.0,
+        output_type="pt",
+    )
+    out = pipe(image_token_maps=token_maps, generator=torch.Generator().manual_seed(call["g_seed"]), **kwargs)
+    assert torch.equal(flatten(out.token_maps), ref["inpaint_effective_idx_BL"]), "effective tokens differ"
+    assert_close(out.images, ref["inpaint_img"], "inpaint_img")
+    # from the image itself (diffusers' [0, 1] convention): the tokenizer gives the same input tokens
+    from_image = pipe(image=(ref["images"] + 1) / 2, generator=torch.Generator().manual_seed(call["g_seed"]), **kwargs)
+    assert torch.equal(flatten(from_image.token_maps), ref["inpaint_effective_idx_BL"]), "tokens from the image"

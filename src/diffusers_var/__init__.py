@@ -1,8 +1,9 @@
 """diffusers-var: VAR (Visual AutoRegressive modeling) for diffusers and transformers.
 
 The public API: ``MultiScaleVQVAE`` (tokenizer), ``VARConfig``/``VARTransformer`` (next-scale predictor, also
-reachable through ``AutoConfig``/``AutoModel``), ``VARScaleScheduler`` (guidance and sampling) and ``VARPipeline``;
-``bundled_model_path`` finds the models shipped in the package (``VARPipeline.from_pretrained("var-digits")``).
+reachable through ``AutoConfig``/``AutoModel``), ``VARScaleScheduler`` (guidance and sampling), ``VARPipeline`` and
+``VARInpaintPipeline`` (zero-shot editing); ``bundled_model_path`` finds the models shipped in the package
+(``VARPipeline.from_pretrained("var-digits")``).
 """
 
 from transformers import AutoConfig, AutoModel
@@ -14,6 +15,7 @@ from .models.transformer import (
     VARTransformerOutput,
 )
 from .models.vqvae import MultiScaleVQVAE, MultiScaleVQVAEOutput
+from .pipelines.inpaint import VARInpaintPipeline
 from .pipelines.var import VARPipeline, VARPipelineOutput
 from .pretrained import BUNDLED_MODELS, bundled_model_path
 from .schedulers.scale import VARScaleScheduler, VARSchedulerOutput
@@ -30,6 +32,7 @@ __all__ = [
     "MultiScaleVQVAEOutput",
     "NonFiniteError",
     "VARConfig",
+    "VARInpaintPipeline",
     "VARKVCache",
     "VARPipeline",
     "VARPipelineOutput",

@@ -25,6 +25,8 @@ class VARSamplingState:
         finite: per finished scale, a 0-D bool tensor on the device, False if its logits held NaN or inf.
         generators: one ``torch.Generator`` per sample when the call was given one per image (``None`` otherwise):
             they follow the samples through :meth:`select`, so a kept sample goes on drawing from its own.
+        forced_token_maps, forced_masks: for editing, per scale (B, pn, pn): tokens that replace the sampled ones
+            where the mask is True (zero-shot in-painting keeps the input's tokens there). ``None``: sample all.
     """
 
     class_labels: torch.LongTensor
@@ -34,6 +36,8 @@ class VARSamplingState:
     token_maps: list[torch.LongTensor] = field(default_factory=list)
     finite: list[torch.Tensor] = field(default_factory=list)
     generators: list[torch.Generator] | None = None
+    forced_token_maps: list[torch.LongTensor] | None = None
+    forced_masks: list[torch.BoolTensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -70,6 +74,8 @@ class VARSamplingState:
             token_maps=[t[rows.to(t.device)] for t in self.token_maps],
             finite=list(self.finite),
             generators=None if self.generators is None else [self.generators[r] for r in rows.tolist()],
+            forced_token_maps=_rows(self.forced_token_maps, rows),
+            forced_masks=_rows(self.forced_masks, rows),
         )
 
     def clone(self) -> VARSamplingState:
@@ -83,4 +89,13 @@ class VARSamplingState:
             token_maps=[t.clone() for t in self.token_maps],
             finite=list(self.finite),
             generators=None if self.generators is None else list(self.generators),
+            forced_token_maps=_rows(self.forced_token_maps, None),
+            forced_masks=_rows(self.forced_masks, None),
         )
+
+
+def _rows(maps: list[torch.Tensor] | None, rows: torch.LongTensor | None) -> list[torch.Tensor] | None:
+    """Rows of per-scale maps (a copy of all of them with ``rows=None``)."""
+    if maps is None:
+        return None
+    return [m.clone() if rows is None else m[rows.to(m.device)] for m in maps]

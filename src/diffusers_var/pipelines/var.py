@@ -36,11 +36,14 @@ class VARPipelineOutput(BaseOutput):
             the latents f̂ (B, Cvae, h, w) that ``pipe.vqvae.decode`` turns into images in [-1, 1].
         class_labels: the class id of each image, (B,) (``num_classes`` for an unconditional one).
         token_maps: the sampled codes, one (B, pn, pn) tensor per scale (fewer if a callback interrupted the call).
+        scale_images: with ``output_scales=True``, the images decoded from f̂ after each scale (one batch per scale,
+            as ``output_type``; the last equals ``images``).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     class_labels: torch.LongTensor
     token_maps: list[torch.LongTensor] | None = None
+    scale_images: list | None = None
 
 
 def check_no_adapters(pipeline: VARPipeline) -> None:
@@ -135,7 +138,10 @@ class VARPipeline(DiffusionPipeline):
         unknown = [n for n in names if n not in self.labels]
         if unknown:
             hint = (
-                f" Known names include {sorted(self.labels)[:5]}." if self.labels else " This pipeline has no id2label."
+                f" Known names include {sorted(self.labels)[:5]}."
+                if self.labels
+                else " This pipeline has no id2label (built from another pipeline? add **pipe.parameters to "
+                "**pipe.components to share its class names)."
             )
             raise ValueError(f"Unknown class name(s) {unknown}.{hint}")
         ambiguous = [n for n in names if n in self._ambiguous_labels]
@@ -187,12 +193,19 @@ class VARPipeline(DiffusionPipeline):
         return self._interrupt
 
     def prepare_sampling_state(
-        self, class_labels: torch.LongTensor, guided: bool, device: torch.device | None = None
+        self,
+        class_labels: torch.LongTensor,
+        guided: bool,
+        device: torch.device | None = None,
+        forced_token_maps: list[torch.LongTensor] | None = None,
+        forced_masks: list[torch.BoolTensor] | None = None,
     ) -> VARSamplingState:
         """A state before the first scale for samples of ``class_labels`` (with null-class rows if ``guided``).
 
         The labels are checked here, once: ids in [0, num_classes] (``num_classes`` is the null class, an
         unconditional sample); an id out of range would otherwise be a device-side assert on CUDA.
+        ``forced_token_maps`` and ``forced_masks`` (both or neither; one (B, pn, pn) map per scale) make
+        :meth:`sample_next_scale` keep the given tokens where the mask is True: zero-shot editing.
         """
         device = device or self._execution_device
         if not isinstance(class_labels, torch.Tensor) or class_labels.ndim != 1 or class_labels.is_floating_point():
@@ -211,7 +224,23 @@ class VARPipeline(DiffusionPipeline):
             class_labels.shape[0], self.vqvae.config.z_channels, side, side, dtype=self.vqvae.dtype, device=device
         )
         kv_cache = self.transformer.allocate_kv_cache(model_labels.shape[0], device=device)
-        return VARSamplingState(class_labels, model_labels, kv_cache, latents)
+        state = VARSamplingState(class_labels, model_labels, kv_cache, latents)
+        if (forced_token_maps is None) != (forced_masks is None):
+            raise ValueError("forced_token_maps and forced_masks go together: pass both or neither.")
+        if forced_token_maps is not None:
+            self.vqvae.check_token_maps(forced_token_maps)
+            batch = class_labels.shape[0]
+            shapes = [(batch, side, side) for side in self.vqvae.config.patch_nums]
+            if [tuple(t.shape) for t in forced_token_maps] != shapes or [
+                (tuple(m.shape), m.dtype) for m in forced_masks
+            ] != [(shape, torch.bool) for shape in shapes]:
+                raise ValueError(
+                    f"forced_token_maps and forced_masks must be one map per scale of shapes {shapes} (masks bool), "
+                    "one row per sample."
+                )
+            state.forced_token_maps = [t.to(device, torch.long) for t in forced_token_maps]
+            state.forced_masks = [m.to(device) for m in forced_masks]
+        return state
 
     def sample_next_scale(
         self,
@@ -251,9 +280,18 @@ class VARPipeline(DiffusionPipeline):
             logits, si, guidance_scale, top_k, top_p, temperature, more_smooth, generator=generator
         )
         del logits  # keep the peak down: nothing of this scale's logits outlives its step
+        token_map, code_weights = step.token_map, step.code_weights
+        if state.forced_masks is not None:
+            # Editing: the whole map was drawn (the random stream stays the plain one); the kept positions take the
+            # given tokens before f̂ sees them, so the finer scales are conditioned on the kept region.
+            keep, forced = state.forced_masks[si], state.forced_token_maps[si]
+            token_map = torch.where(keep, forced, token_map)
+            if code_weights is not None:  # Gumbel smoothing: a kept position is its code exactly, not a soft mix
+                one_hot = torch.nn.functional.one_hot(forced.flatten(1), code_weights.shape[-1])
+                code_weights = torch.where(keep.flatten(1).unsqueeze(-1), one_hot.to(code_weights.dtype), code_weights)
         state.finite.append(step.finite)
-        state.token_maps.append(step.token_map)
-        state.latents = self.vqvae.accumulate_scale(state.latents, si, step.token_map, step.code_weights)
+        state.token_maps.append(token_map)
+        state.latents = self.vqvae.accumulate_scale(state.latents, si, token_map, code_weights)
         return state
 
     def decode_state(self, state: VARSamplingState, output_type: str = "pil"):
@@ -295,6 +333,7 @@ class VARPipeline(DiffusionPipeline):
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         state_callback: Callable[[VARPipeline, int, VARSamplingState], VARSamplingState | None] | None = None,
+        output_scales: bool = False,
     ) -> VARPipelineOutput | tuple:
         r"""Generate images of the given classes.
 
@@ -321,22 +360,17 @@ class VARPipeline(DiffusionPipeline):
                 of any batch size, e.g. ``state.select(rows)`` to finish only the best of several candidates
                 (rejection sampling and search over scales are built on this). With one generator per image, the
                 state's ``generators`` follow its rows. The output holds the final state's images and labels.
+            output_scales: also return, in the output's ``scale_images``, the image decoded from f̂ after each
+                scale (one batch per scale, as ``output_type``): how the image forms, coarse to fine. Costs one
+                decoder pass per scale.
 
         Defaults are the official FID settings (cfg 1.5, top-k 900, top-p 0.96).
         """
-        self.scheduler.check_sampling_args(guidance_scale, top_k, top_p, temperature, more_smooth)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        self._check_call_arguments(
+            guidance_scale, top_k, top_p, temperature, more_smooth, output_type, generator,
+            callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
         check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
-        check_generator(generator)
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        tensor_inputs = callback_on_step_end_tensor_inputs or []
-        if not set(tensor_inputs) <= set(self._callback_tensor_inputs):
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {tensor_inputs}."
-            )
-
         if class_labels is None:
             if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
                 raise ValueError(
@@ -347,13 +381,76 @@ class VARPipeline(DiffusionPipeline):
         else:
             labels = torch.tensor(self._class_ids(class_labels, allow_unconditional=True))
             labels = labels.repeat_interleave(num_images_per_prompt)
+        return self._sample(
+            labels,
+            guidance_scale=guidance_scale,
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
+            more_smooth=more_smooth,
+            generator=generator,
+            output_type=output_type,
+            return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            state_callback=state_callback,
+            output_scales=output_scales,
+        )
+
+    def _check_call_arguments(
+        self, guidance_scale, top_k, top_p, temperature, more_smooth, output_type, generator, callback, tensor_inputs
+    ) -> list[str]:
+        """Check a call's sampling and output arguments before any work; returns the callback's tensor inputs."""
+        self.scheduler.check_sampling_args(guidance_scale, top_k, top_p, temperature, more_smooth)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        check_generator(generator)
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs
+        tensor_inputs = tensor_inputs or []
+        if not set(tensor_inputs) <= set(self._callback_tensor_inputs):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {tensor_inputs}."
+            )
+        return tensor_inputs
+
+    def _sample(
+        self,
+        labels: torch.LongTensor,
+        *,
+        guidance_scale: float,
+        top_k: int | None,
+        top_p: float | None,
+        temperature: float,
+        more_smooth: bool,
+        generator: torch.Generator | list[torch.Generator] | None,
+        output_type: str,
+        return_dict: bool,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+        state_callback,
+        output_scales: bool,
+        forced_token_maps: list[torch.LongTensor] | None = None,
+        forced_masks: list[torch.BoolTensor] | None = None,
+    ) -> VARPipelineOutput | tuple:
+        """The sampling loop every pipeline of this package runs: samples of ``labels`` (class ids, one per
+        image), scale by scale, with the callbacks, previews and forced tokens (editing) as options."""
+        tensor_inputs = self._check_call_arguments(
+            guidance_scale, top_k, top_p, temperature, more_smooth, output_type, generator,
+            callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        if not isinstance(output_scales, bool):
+            raise ValueError(f"output_scales must be True or False, got {output_scales!r}.")
         check_generator(generator, labels.shape[0])
         self._guidance_scale, self._interrupt = guidance_scale, False
         self._num_timesteps = self.scheduler.num_scales
         self.scheduler.set_timesteps(device=self._execution_device)
-        state = self.prepare_sampling_state(labels, guided=guidance_scale != 1.0)
+        state = self.prepare_sampling_state(
+            labels, guided=guidance_scale != 1.0, forced_token_maps=forced_token_maps, forced_masks=forced_masks
+        )
         if isinstance(generator, (list, tuple)):
             state.generators = list(generator)
+        scale_images = [] if output_scales else None
         for si in self.progress_bar(range(self.scheduler.num_scales)):
             if self.interrupt:
                 break
@@ -366,14 +463,16 @@ class VARPipeline(DiffusionPipeline):
                 state.latents = self._callback_latents(returned, state.latents, callback_on_step_end)
             if state_callback is not None:
                 state = self._callback_state(state_callback(self, si, state), state, state_callback)
+            if output_scales:  # the image f̂ gives so far: coarse at first, the final image after the last scale
+                scale_images.append(self.decode_state(state, output_type))
 
         state.kv_cache = None  # the largest buffer: freed before decoding
         images = self.decode_state(state, output_type)
         labels, token_maps = state.class_labels, state.token_maps
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (images, labels, token_maps)
-        return VARPipelineOutput(images=images, class_labels=labels, token_maps=token_maps)
+            return (images, labels, token_maps) if scale_images is None else (images, labels, token_maps, scale_images)
+        return VARPipelineOutput(images=images, class_labels=labels, token_maps=token_maps, scale_images=scale_images)
 
     @staticmethod
     def _callback_latents(returned, latents: torch.Tensor, callback) -> torch.Tensor:
