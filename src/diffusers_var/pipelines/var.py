@@ -474,6 +474,51 @@ class VARPipeline(DiffusionPipeline):
             return (images, labels, token_maps) if scale_images is None else (images, labels, token_maps, scale_images)
         return VARPipelineOutput(images=images, class_labels=labels, token_maps=token_maps, scale_images=scale_images)
 
+    def reconstruct(
+        self,
+        image,
+        class_labels: int | str | list[int | str | None] | torch.Tensor | None = None,
+        method: str = "autoregressive",
+        prefix_scales: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        **sampling,
+    ):
+        r"""Reconstruct images, and say per scale how close each step gets (token accuracy and PSNR).
+
+        Args:
+            image: the images, in [0, 1] at the model's size (PIL, numpy or tensor, as for
+                :class:`VARInpaintPipeline`).
+            class_labels: their classes (one for all or one per image; ``None``: unconditional).
+            method: ``"tokenizer"`` (tokenize then detokenize: the VQVAE's reconstruction), ``"teacher_forcing"``
+                (the transformer's argmax at each scale given the image's own coarser scales: a diagnostic of the
+                transformer, **not** a reconstruction, since every scale is given the right answer for the ones
+                before it), or ``"autoregressive"`` (default: true generation from the class token, each scale
+                conditioned on the model's own predictions, through the sampling loop itself).
+            prefix_scales: autoregressive only: keep the first ``prefix_scales`` scales of the image's own pyramid
+                (default 0); with all of them it equals the tokenizer's reconstruction exactly.
+            generator: autoregressive only, for its draws.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            sampling: autoregressive only: ``guidance_scale``, ``top_k``, ``top_p``, ``temperature``. The default is
+                greedy and unguided (``top_k=1``, ``guidance_scale=1.0``), like teacher forcing, so that the two differ
+                only in what each scale is conditioned on.
+
+        Returns:
+            :class:`~diffusers_var.pipelines.reconstruction.VARReconstructionOutput` with ``images``,
+            ``token_maps``, ``token_accuracy`` and ``psnr`` (one value per scale).
+
+        Example:
+            ```py
+            >>> pipe = VARPipeline.from_pretrained("var-digits")
+            >>> image = torch.rand(1, 3, 32, 32)  # a real digit in [0, 1] in practice
+            >>> [round(a, 2) for a in pipe.reconstruct(image, 3, method="tokenizer").token_accuracy]
+            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+            ```
+        """
+        from .reconstruction import reconstruct
+
+        return reconstruct(self, image, class_labels, method, prefix_scales, generator, output_type, **sampling)
+
     @staticmethod
     def _callback_latents(returned, latents: torch.Tensor, callback) -> torch.Tensor:
         """The latents a callback returned (or the current ones), checked to be usable in their place."""
