@@ -319,3 +319,24 @@ def test_two_processes_write_the_bytes_of_one(model_dir, tmp_path):
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
     for png in sorted((tmp_path / "one").glob("*.png")):
         assert png.read_bytes() == (tmp_path / "two" / png.name).read_bytes(), png.name
+
+
+def test_progressive_draws_a_row_per_sample_and_a_column_per_scale(model_dir, tmp_path, capsys):
+    from diffusers_var.generate import GUTTER, MIN_CELL
+
+    cli_main(base_args(model_dir, "--progressive", "--output", str(tmp_path / "scales.png")))
+    cli_main(base_args(model_dir, "--output-dir", str(tmp_path / "plain")))
+    grid = np.asarray(PIL.Image.open(tmp_path / "scales.png").convert("RGB"))
+    cell = 8 * (MIN_CELL // 8)  # the tiny model's 8 px samples, scaled up
+    columns, rows = 3, 9  # the tiny model's 3 scales; 3 classes × 3 samples
+    left = grid.shape[1] - columns * (cell + GUTTER)  # after the row labels
+    top = grid.shape[0] - rows * (cell + GUTTER)  # after the scale titles
+    assert top > GUTTER  # there is a title band
+    # the last column is each sample as plain generate draws it (same seed, class, index and batches)
+    for row, (class_id, index) in enumerate([(c, i) for c in (1, 3, 5) for i in range(3)]):
+        y, x = top + row * (cell + GUTTER), left + (columns - 1) * (cell + GUTTER)
+        plain = np.asarray(PIL.Image.open(tmp_path / "plain" / f"{class_id}_{index}.png").convert("RGB"))
+        assert np.array_equal(grid[y : y + cell : cell // 8, x : x + cell : cell // 8], plain), (class_id, index)
+    with pytest.raises(SystemExit):
+        cli_main(base_args(model_dir, "--progressive", "--output-npz", str(tmp_path / "x.npz")))
+    assert "--progressive draws one picture" in capsys.readouterr().err

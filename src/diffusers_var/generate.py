@@ -208,27 +208,33 @@ class GridCanvas:
     pixels stay crisp and readable at 100 % zoom; cells are separated by a gutter.
     """
 
-    def __init__(self, names: list[str], columns: int, image_size: int):
+    def __init__(self, names: list[str], columns: int, image_size: int, column_titles: list[str] | None = None):
         self.scale = max(1, math.ceil(MIN_CELL / image_size))
         self.cell = image_size * self.scale
         self.font = _font(max(12, min(28, self.cell // 5)))
         probe = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
         self.label_width = max(int(probe.textlength(name, font=self.font)) for name in names) + 3 * GUTTER
+        self.top = 2 * self.font.size + GUTTER if column_titles and hasattr(self.font, "size") else GUTTER
         self.grid = PIL.Image.new(
             "RGB",
-            (self.label_width + columns * (self.cell + GUTTER), GUTTER + len(names) * (self.cell + GUTTER)),
+            (self.label_width + columns * (self.cell + GUTTER), self.top + len(names) * (self.cell + GUTTER)),
             "white",
         )
         draw = PIL.ImageDraw.Draw(self.grid)
         for row, name in enumerate(names):
-            top = GUTTER + row * (self.cell + GUTTER)
+            top = self.top + row * (self.cell + GUTTER)
             draw.text((2 * GUTTER, top + self.cell // 2), name, fill="black", font=self.font, anchor="lm")
+        for column, title in enumerate(column_titles or []):
+            centre = self.label_width + column * (self.cell + GUTTER) + self.cell // 2
+            draw.text((centre, self.top // 2), title, fill="black", font=self.font, anchor="mm")
 
     def paste(self, row: int, column: int, image: PIL.Image.Image) -> None:
         image = image.convert("RGB")
         if self.scale > 1:
             image = image.resize((self.cell, self.cell), PIL.Image.Resampling.NEAREST)
-        self.grid.paste(image, (self.label_width + column * (self.cell + GUTTER), GUTTER + row * (self.cell + GUTTER)))
+        self.grid.paste(
+            image, (self.label_width + column * (self.cell + GUTTER), self.top + row * (self.cell + GUTTER))
+        )
 
 
 def class_name(pipe: VARPipeline, class_id: int, max_length: int = 28) -> str:
@@ -289,6 +295,12 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = D
         "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)"
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute (default: fp32)")
+    parser.add_argument(
+        "--progressive",
+        action="store_true",
+        help="draw how each sample forms: one grid row per sample, one column per scale (the image decoded from f̂ "
+        "after that scale, coarse to fine) (default: off)",
+    )
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--output", default=None, help="the grid image: .png, .jpg, .webp or .tiff (default: grid.png)")
     target.add_argument(
@@ -404,6 +416,13 @@ def generate(args: argparse.Namespace) -> list[Path]:
         sampling.get("guidance_scale", 1.0), args.top_k, args.top_p, sampling.get("temperature", 1.0)
     )
     sampler = _rejection_sampler(args, pipe, device)
+    if getattr(args, "progressive", False):
+        if sampler is not None or args.output_dir or getattr(args, "output_npz", None) or world > 1:
+            raise ValueError(
+                "--progressive draws one picture of how samples form: use it with --output (or the default grid), "
+                "in one process, without --output-dir, --output-npz or rejection sampling."
+            )
+        return [_progressive_grid(args, pipe, class_ids, sampling, device)]
     # one generator per image: on one device and dtype, a sample depends only on (seed, class, index), not on the
     # batching or the other --class-labels
     jobs = [(c, i) for c in class_ids for i in range(args.num_per_class)]
@@ -466,6 +485,33 @@ def generate(args: argparse.Namespace) -> list[Path]:
             print(rejection_summary(settings["rejection"]))
         written += _assemble(args, run, pipe, class_ids, jobs, settings)
     return written
+
+
+def _progressive_grid(args, pipe: VARPipeline, class_ids: list[int], sampling: dict, device) -> Path:
+    """``--progressive``: a grid with a row per sample and a column per scale. The last column is the sample that
+    plain ``generate`` gives for the same (seed, class, index) and batch size."""
+    patch_nums = pipe.vqvae.config.patch_nums
+    jobs = [(c, i) for c in class_ids for i in range(args.num_per_class)]
+    path = grid_path(args)
+    check_grid_size(path, len(jobs), len(patch_nums), pipe.vqvae.image_size)
+    names = [f"{class_name(pipe, c)} #{i}" for c, i in jobs]
+    titles = [f"{side}x{side}" for side in patch_nums]  # (not ×: the fallback bitmap font lacks it)
+    canvas = GridCanvas(names, len(patch_nums), pipe.vqvae.image_size, titles)
+    with tqdm(total=len(jobs), desc="Sampling", unit="img") as progress:
+        for start in range(0, len(jobs), args.batch_size):
+            chunk = jobs[start : start + args.batch_size]
+            generators = [torch.Generator(device).manual_seed(sample_seed(args.seed, c, i)) for c, i in chunk]
+            out = pipe(
+                class_labels=[c for c, _ in chunk], generator=generators, output_type="np", output_scales=True,
+                **sampling,
+            )  # fmt: skip
+            for column, images in enumerate(out.scale_images):
+                for row, image in enumerate(to_uint8(images)):
+                    canvas.paste(start + row, column, PIL.Image.fromarray(image))
+            progress.update(len(chunk))
+    save_image_atomically(canvas.grid, path, f"{args.model} seed={args.seed} progressive")
+    print(path)
+    return path
 
 
 # -- rejection sampling -------------------------------------------------------------------------------------------
