@@ -84,6 +84,11 @@ def test_inputs_in_every_form_give_the_same_edit(inpaint):
         assert all(torch.equal(a, b) for a, b in zip(out.token_maps, reference.token_maps)), i
 
 
+def test_one_image_with_several_classes_is_edited_once_per_class(inpaint):
+    out = inpaint(image=images01(1), mask_image=lower_half(), class_labels=[0, 5, 9], output_type="pt")
+    assert out.images.shape[0] == 3 and out.class_labels.tolist() == [0, 5, 9]
+
+
 def test_one_mask_broadcasts_and_num_images_per_prompt_repeats(inpaint):
     out = inpaint(image=images01(2), mask_image=lower_half(), class_labels=7, num_images_per_prompt=3, output_type="np")
     assert out.images.shape == (6, 8, 8, 3) and out.class_labels.tolist() == [7] * 6
@@ -139,3 +144,21 @@ def test_output_scales_are_the_image_after_each_scale(pipe):
     assert first.shape[0] == 2
     images, labels, token_maps, scale_images = pipe(class_labels=[1], output_scales=True, return_dict=False)
     assert len(scale_images) == len(token_maps)
+
+
+def test_the_editing_example_runs_in_smoke_form(tmp_path):
+    """examples/editing/digits_editing.py on 4 held-out digits: every picture and figure is written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "editing" / "digits_editing.py"
+    spec = importlib.util.spec_from_file_location("digits_editing", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--output_dir", str(tmp_path), "--max_images", "4", "--batch_size", "64"])
+    names = ("inpainting", "outpainting", "class_edit", "reconstructions", "progressive")
+    assert all((tmp_path / f"{name}.png").is_file() for name in names)
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert report["editing"]["edits"] == 4 * 9 and 0 <= report["editing"]["p_target_after_edit_mean"] <= 1
+    assert report["reconstruction"]["tokenizer"]["token_accuracy"] == [1.0] * 6

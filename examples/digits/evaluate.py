@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 from prepare_data import load_digits_split
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 from sklearn.svm import SVC
@@ -116,6 +117,17 @@ class DigitsReference:
 
     def predict(self, images) -> np.ndarray:
         return self.classifier.predict(_box_8x8(to_grey(images)))
+
+    @functools.cached_property
+    def probabilistic_classifier(self) -> CalibratedClassifierCV:
+        """The same SVC with Platt-scaled class probabilities (sigmoid calibration, 5-fold, deterministic)."""
+        svc = SVC(C=10.0, gamma="scale")
+        calibrated = CalibratedClassifierCV(svc, method="sigmoid", cv=5, ensemble=False)
+        return calibrated.fit(_box_8x8(self.train_grey), self.train_labels)
+
+    def probabilities(self, images) -> np.ndarray:
+        """(N, 10) p(class | image) under the probabilistic SVC, columns in class order."""
+        return self.probabilistic_classifier.predict_proba(_box_8x8(to_grey(images)))
 
     @functools.cached_property
     def test_accuracy(self) -> float:

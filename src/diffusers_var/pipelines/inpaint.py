@@ -79,8 +79,9 @@ class VARInpaintPipeline(VARPipeline):
             mask_image: white (1) = regenerate, black (0) = keep; any size (it is resized to each scale from its own
                 size, never through the image's): a PIL image, a numpy array (H, W[, 1]) or (B, H, W, 1), a tensor
                 (H, W), (1, H, W) or (B, 1, H, W), values in [0, 1]. One mask applies to the whole batch.
-            class_labels: the class to generate the region as: one for all images or one per image (ids or names);
-                ``None`` (default) is unconditional, pure in-painting.
+            class_labels: the class to generate the region as: one for all images, one per image, or several for
+                one image (edited once per class); ids or names; ``None`` (default) is unconditional, pure
+                in-painting.
             image_token_maps: instead of ``image``, what ``pipe.vqvae.tokenize`` returned for it (skips tokenizing).
             guidance_scale, top_k, top_p, temperature, more_smooth, generator, output_type, return_dict,
             callback_on_step_end, callback_on_step_end_tensor_inputs, state_callback, output_scales: as
@@ -113,9 +114,13 @@ class VARInpaintPipeline(VARPipeline):
         if class_labels is None or isinstance(class_labels, (int, str)) and not isinstance(class_labels, bool):
             class_labels = [class_labels] * batch
         labels = torch.tensor(self._class_ids(class_labels, allow_unconditional=True))
-        if labels.shape[0] != batch:
+        if batch == 1 and labels.shape[0] > 1:  # one image, several classes: edit it once per class
+            token_maps = [t.expand(labels.shape[0], -1, -1) for t in token_maps]
+            keep = [k.expand(labels.shape[0], -1, -1) for k in keep]
+        elif labels.shape[0] != batch:
             raise ValueError(
-                f"Got {labels.shape[0]} class labels for {batch} images: pass one label, or one per image."
+                f"Got {labels.shape[0]} class labels for {batch} images: pass one label, one per image, or one "
+                "image with several labels."
             )
         repeat = num_images_per_prompt
         return self._sample(
