@@ -90,7 +90,9 @@ def test_one_image_with_several_classes_is_edited_once_per_class(inpaint):
 
 
 def test_one_mask_broadcasts_and_num_images_per_prompt_repeats(inpaint):
-    out = inpaint(image=images01(2), mask_image=lower_half(), class_labels=7, num_images_per_prompt=3, output_type="np")
+    out = inpaint(
+        image=images01(2), mask_image=lower_half(), class_labels=np.int64(7), num_images_per_prompt=3, output_type="np"
+    )
     assert out.images.shape == (6, 8, 8, 3) and out.class_labels.tolist() == [7] * 6
     assert torch.equal(out.token_maps[0][:3], out.token_maps[0][:1].expand(3, -1, -1))  # the 1×1 scale is kept
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -111,7 +112,11 @@ class VARInpaintPipeline(VARPipeline):
             )
         keep = [k.expand(batch, -1, -1).to(device) for k in keep_masks(mask, tuple(self.vqvae.config.patch_nums))]
 
-        if class_labels is None or isinstance(class_labels, (int, str)) and not isinstance(class_labels, bool):
+        if (
+            class_labels is None
+            or isinstance(class_labels, (int, str, np.integer))
+            and not isinstance(class_labels, bool)
+        ):
             class_labels = [class_labels] * batch
         labels = torch.tensor(self._class_ids(class_labels, allow_unconditional=True))
         if batch == 1 and labels.shape[0] > 1:  # one image, several classes: edit it once per class
