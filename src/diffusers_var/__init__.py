@@ -1,9 +1,9 @@
 """diffusers-var: VAR (Visual AutoRegressive modeling) for diffusers and transformers.
 
 The public API: ``MultiScaleVQVAE`` (tokenizer), ``VARConfig``/``VARTransformer`` (next-scale predictor, also
-reachable through ``AutoConfig``/``AutoModel``), ``VARScaleScheduler`` (guidance and sampling), ``VARPipeline`` and
-``VARInpaintPipeline`` (zero-shot editing); ``bundled_model_path`` finds the models shipped in the package
-(``VARPipeline.from_pretrained("var-digits")``).
+reachable through ``AutoConfig``/``AutoModel``), ``VARScaleScheduler`` (guidance and sampling), ``VARPipeline``,
+``VARInpaintPipeline`` (zero-shot editing) and ``VARSearchPipeline`` (inference-time search); ``bundled_model_path``
+finds the models shipped in the package (``VARPipeline.from_pretrained("var-digits")``).
 """
 
 from transformers import AutoConfig, AutoModel
@@ -16,6 +16,7 @@ from .models.transformer import (
 )
 from .models.vqvae import MultiScaleVQVAE, MultiScaleVQVAEOutput
 from .pipelines.inpaint import VARInpaintPipeline
+from .pipelines.search import VARSearchPipeline, VARSearchPipelineOutput
 from .pipelines.var import VARPipeline, VARPipelineOutput
 from .pretrained import BUNDLED_MODELS, bundled_model_path
 from .schedulers.scale import VARScaleScheduler, VARSchedulerOutput
@@ -37,6 +38,8 @@ __all__ = [
     "VARPipeline",
     "VARPipelineOutput",
     "VARScaleScheduler",
+    "VARSearchPipeline",
+    "VARSearchPipelineOutput",
     "VARSchedulerOutput",
     "VARTransformer",
     "VARTransformerOutput",

@@ -35,6 +35,20 @@ MODES = ("final", "early")
 SAMPLING_ARGUMENTS = ("guidance_scale", "top_k", "top_p", "temperature", "more_smooth")
 
 
+def sampling_arguments(pipe, kwargs: dict, who: str) -> dict:
+    """The pipeline's sampling arguments from ``kwargs``, its own defaults where not given; anything else is an
+    error naming ``who`` takes what."""
+    from ..pipelines.var import VARPipeline
+
+    signature = inspect.signature(VARPipeline.__call__).parameters  # the loop's defaults, whatever pipeline calls it
+    unknown = set(kwargs) - set(SAMPLING_ARGUMENTS)
+    if unknown:
+        raise ValueError(f"{who} takes the sampling arguments {SAMPLING_ARGUMENTS}, not {sorted(unknown)}.")
+    sampling = {name: kwargs.get(name, signature[name].default) for name in SAMPLING_ARGUMENTS}
+    pipe.scheduler.check_sampling_args(**sampling)
+    return sampling
+
+
 def default_rejection_scale(patch_nums) -> int:
     """The first scale whose side is at least half the last one (5×5 of VAR's 16×16 at 256 px is too coarse to tell
     most classes apart; 8×8 is not): index 6 for (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 3 for (1, 2, 3, 4, 6, 8)."""
@@ -134,16 +148,7 @@ class RejectionSampler:
         self.sizes = [side * side for side in patch_nums]
 
     def _sampling(self, kwargs: dict) -> dict:
-        """The pipeline's sampling arguments, its own defaults where not given."""
-        signature = inspect.signature(type(self.pipe).__call__).parameters
-        unknown = set(kwargs) - set(SAMPLING_ARGUMENTS)
-        if unknown:
-            raise ValueError(
-                f"Rejection sampling takes the sampling arguments {SAMPLING_ARGUMENTS}, not {sorted(unknown)}."
-            )
-        sampling = {name: kwargs.get(name, signature[name].default) for name in SAMPLING_ARGUMENTS}
-        self.pipe.scheduler.check_sampling_args(**sampling)
-        return sampling
+        return sampling_arguments(self.pipe, kwargs, "Rejection sampling")
 
     @torch.no_grad()
     def __call__(
@@ -177,25 +182,20 @@ class RejectionSampler:
         return to_uint8(out.images), out.class_labels.cpu()
 
     def _best_of(self, labels: list[int], generators, sampling: dict) -> RejectionOutput:
-        """Final mode: candidate m of every image in one call of the pipeline, M calls; the best kept."""
+        """Final mode: random search with the verifier (one implementation: :class:`SearchSampler`'s), candidate m
+        of every image in one call of the pipeline, M calls; the best kept."""
+        from .algorithms import SearchSampler
+
+        search = SearchSampler(self.pipe, self.verifier, "random", budget=self.oversample)
+        found = search.random_search(labels, generators, sampling)
         count, total = len(labels), sum(self.sizes)
-        best_images, best_scores = None, torch.full((count,), -math.inf)
-        for m in range(self.oversample):
-            images, _ = self._sample(labels, [g[m] for g in generators], sampling)
-            scores = self.verifier(images, torch.tensor(labels))
-            if best_images is None:
-                best_images = images.copy()
-            better = scores > best_scores
-            best_images[better.numpy()] = images[better.numpy()]
-            best_scores = torch.where(better, scores, best_scores)
-        candidates = count * self.oversample
         return RejectionOutput(
-            images=best_images,
+            images=found.images,
             class_labels=torch.tensor(labels),
-            scores=best_scores,
-            candidates=candidates,
+            scores=found.scores,
+            candidates=found.candidates,
             accepted=count,
-            transformer_tokens=candidates * total,
+            transformer_tokens=found.candidates * total,
             plain_tokens=count * total,
         )
 

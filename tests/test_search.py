@@ -1,0 +1,169 @@
+"""Inference-time search: verifiers, the three algorithms under a budget, VARSearchPipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_pipeline
+from safetensors.torch import save_file
+
+from diffusers_var import VARPipeline, VARSearchPipeline
+from diffusers_var.search import (
+    ClassifierVerifier,
+    CLIPVerifier,
+    LinearHeadVerifier,
+    SearchSampler,
+    SelfConsistencyVerifier,
+    WeightedVerifier,
+)
+
+
+def brightness_classes(images: np.ndarray) -> torch.Tensor:
+    """A made-up 10-class 'classifier' on pixels: deterministic, cheap, and sensitive to every sample."""
+    pixels = torch.from_numpy(images).float().flatten(1) / 255
+    weights = torch.randn(pixels.shape[1], 10, generator=torch.Generator().manual_seed(0))
+    return (pixels @ weights).log_softmax(-1)
+
+
+@pytest.fixture
+def search_pipe():
+    tiny = tiny_pipeline()
+    return VARSearchPipeline(**tiny.components, **tiny.parameters)
+
+
+VERIFIER = ClassifierVerifier(brightness_classes)
+OPTIONS = {"random": {}, "zero-order": {"neighbours": 2}, "paths": {}}
+
+
+@pytest.mark.parametrize("algorithm", ["random", "zero-order", "paths"])
+def test_no_algorithm_scores_below_its_first_candidate_and_budgets_hold(search_pipe, algorithm):
+    for budget in (3, 5.5, 8):
+        out = search_pipe(
+            [1, 2, 3, 4], verifier=VERIFIER, algorithm=algorithm, budget=budget, output_type="np",
+            generator=torch.Generator().manual_seed(0), **OPTIONS[algorithm],
+        )  # fmt: skip
+        assert bool((out.scores >= out.first_scores).all())
+        assert bool((out.budget_used <= budget + 1e-9).all()) and bool((out.budget_used >= 1).all())
+        assert out.verifier_calls >= 4 and out.images.shape == (4, 8, 8, 3)
+    # search finds better than plain sampling on average
+    assert float(out.scores.mean()) > float(out.first_scores.mean())
+
+
+@pytest.mark.parametrize("algorithm", ["random", "zero-order", "paths"])
+def test_the_same_generator_gives_the_same_result(search_pipe, algorithm):
+    runs = [
+        search_pipe(
+            [5, 6],
+            verifier=VERIFIER,
+            algorithm=algorithm,
+            budget=5,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(3),
+            **OPTIONS[algorithm],
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0].images, runs[1].images) and torch.equal(runs[0].scores, runs[1].scores)
+
+
+def test_budget_one_is_the_plain_sample(search_pipe):
+    plain = VARPipeline(**search_pipe.components)(
+        [1, 2], generator=[torch.Generator().manual_seed(s) for s in (5, 6)], output_type="np"
+    ).images
+    for algorithm in ("random", "paths"):
+        out = search_pipe(
+            [1, 2], verifier=VERIFIER, algorithm=algorithm, budget=1, output_type="np",
+            generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+        )  # fmt: skip
+        assert np.array_equal(out.images, np.round(np.clip(plain, 0, 1) * 255) / 255)
+
+
+def test_a_forked_kv_cache_gives_the_logits_of_recomputing_from_scratch(pipe):
+    labels = torch.tensor([1, 2])
+    state = pipe.prepare_sampling_state(labels, guided=True)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        pipe.sample_next_scale(state, 2.0, 0, 1.0, generator=generator)
+    fork = state.clone()
+
+    def next_logits(s):
+        scale_input = pipe.vqvae.scale_input(s.latents, s.scale_index)
+        scale_input = torch.cat((scale_input, scale_input))
+        return pipe.transformer(s.model_labels, scale_input, kv_cache=s.kv_cache, scale_index=s.scale_index).logits
+
+    # from scratch: a new state fed the same tokens (forced), its cache rebuilt scale by scale
+    sides = pipe.vqvae.config.patch_nums
+    forced = [*state.token_maps, *[torch.zeros(2, s, s, dtype=torch.long) for s in sides[2:]]]
+    masks = [torch.full((2, s, s), i < 2) for i, s in enumerate(sides)]
+    fresh = pipe.prepare_sampling_state(labels, guided=True, forced_token_maps=forced, forced_masks=masks)
+    for _ in range(2):
+        pipe.sample_next_scale(fresh, 2.0, 0, 1.0, generator=torch.Generator().manual_seed(9))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.token_maps, state.token_maps))
+    forked = next_logits(fork)  # (each call extends that state's cache by one scale)
+    assert torch.allclose(forked, next_logits(fresh), atol=1e-6)
+    assert torch.equal(forked, next_logits(state))  # and the fork left the original's cache as it was
+
+
+def test_verifiers_score_as_documented(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    labels = torch.tensor([1, 4, 9])
+    classifier = ClassifierVerifier("digits-classifier")
+    # a linear head on the digits-classifier's 64 pooled features
+    head = {"weight": torch.randn(10, 64, generator=torch.Generator().manual_seed(1)), "bias": torch.zeros(10)}
+    save_file(head, tmp_path / "head.safetensors")
+    linear = LinearHeadVerifier("digits-classifier", str(tmp_path / "head.safetensors"))
+    from diffusers_var.evaluation import load_image_model
+
+    features = load_image_model("digits-classifier").features(images)
+    expected = (features @ head["weight"].T).log_softmax(-1).gather(1, labels[:, None])[:, 0]
+    assert torch.allclose(linear(images, labels), expected, atol=1e-5)
+    # self-consistency: deterministic, 1 for an image against itself
+    consistency = SelfConsistencyVerifier("digits-classifier", preview_scale=2)
+    previews = images[::-1].copy()
+    first, second = consistency(images, labels, previews=previews), consistency(images, labels, previews=previews)
+    assert torch.equal(first, second)
+    assert torch.allclose(consistency(images, labels, previews=images), torch.ones(3), atol=1e-5)
+    # a weighted sum
+    weighted = WeightedVerifier([(classifier, 1.0), (consistency, 0.5)])
+    total = classifier(images, labels) + 0.5 * consistency(images, labels, previews=previews)
+    assert torch.allclose(weighted(images, labels, previews=previews), total, atol=1e-6)
+    assert weighted.preview_scale == 2
+
+
+def test_self_consistency_searches_with_previews(search_pipe):
+    verifier = SelfConsistencyVerifier("digits-classifier", preview_scale=1)
+    for algorithm in ("random", "paths"):
+        out = search_pipe([1, 2], verifier=verifier, algorithm=algorithm, budget=3, output_type="np")
+        assert bool((out.scores >= out.first_scores).all()) and bool((out.scores <= 1 + 1e-5).all())
+
+
+def test_bad_inputs_name_the_value_and_what_is_allowed(search_pipe, tmp_path):
+    cases = [
+        (dict(algorithm="beam"), "algorithm must be one of ('random', 'zero-order', 'paths')"),
+        (dict(budget=0.5), "a number ≥ 1, got 0.5"),
+        (dict(budget=True), "got True"),
+        (dict(algorithm="paths", branch_scales=(5,)), "branch_scales must be scale indices in [0, 1]"),
+        (dict(algorithm="paths", beam_width=3, branch_factor=3, budget=2), "costs"),
+        (dict(algorithm="zero-order", budget=2, neighbours=3), "allows no round of 3 neighbours"),
+        (dict(algorithm="zero-order", redraw_fraction=0), "redraw_fraction must be in (0, 1]"),
+        (dict(algorithm="random", beam_width=2), "beam_width are not options of algorithm='random'"),
+        (dict(verifier=None), "verifier is required"),
+        (dict(output_type="latent"), "output_type must be 'pil', 'np' or 'pt'"),
+    ]
+    for kwargs, message in cases:
+        kwargs = {"verifier": VERIFIER, **kwargs}
+        with pytest.raises(ValueError) as error:
+            search_pipe([1], **kwargs)
+        assert message in str(error.value), (message, str(error.value))
+    with pytest.raises(ValueError, match="needs a name for every class"):
+        CLIPVerifier("digits-classifier", class_names=None)
+    with pytest.raises(ValueError, match="weight"):
+        save_file({"w": torch.zeros(2, 2)}, tmp_path / "bad.safetensors")
+        LinearHeadVerifier("digits-classifier", str(tmp_path / "bad.safetensors"))
+
+
+def test_search_sampler_counts_candidates_and_calls(pipe):
+    sampler = SearchSampler(pipe, VERIFIER, "random", budget=3)
+    out = sampler([1, 2], [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    assert out.candidates == 6 and out.verifier_calls == 6 and out.total_budget_used == 6.0
