@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import tiny_pipeline
@@ -167,3 +168,34 @@ def test_search_sampler_counts_candidates_and_calls(pipe):
     sampler = SearchSampler(pipe, VERIFIER, "random", budget=3)
     out = sampler([1, 2], [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
     assert out.candidates == 6 and out.verifier_calls == 6 and out.total_budget_used == 6.0
+
+
+def test_the_search_command_writes_images_and_a_report(tmp_path, capsys):
+    import json
+
+    from diffusers_var.cli import main as cli_main
+
+    base = ["search", "--verifier", "digits-classifier", "--class-labels", "3", "7", "--num-per-class", "2"]
+    base += ["--guidance-scale", "1.0", "--top-k", "0", "--top-p", "1.0", "--seed", "5"]
+    cli_main([*base, "--algorithm", "random", "--budget", "3", "--output-dir", str(tmp_path / "found")])
+    report = json.loads((tmp_path / "found" / "search_report.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "found").glob("*.png")) == ["3_0.png", "3_1.png", "7_0.png", "7_1.png"]
+    assert report["images"] == 4 and report["budget_used_total"] == 12 and report["verifier_calls"] == 12
+    assert all(r["score"] >= r["first_score"] for r in report["per_image"])
+    # budget 1 writes generate's images: the same seeds per (class, index)
+    cli_main([*base, "--budget", "1", "--output-dir", str(tmp_path / "one")])
+    cli_main(["generate", *base[3:8], *base[8:], "--output-dir", str(tmp_path / "plain")])
+    for name in ("3_0.png", "7_1.png"):
+        one = np.asarray(PIL.Image.open(tmp_path / "one" / name))
+        assert np.array_equal(one, np.asarray(PIL.Image.open(tmp_path / "plain" / name))), name
+    # one-line errors
+    (tmp_path / "mine.json").write_text("{}")
+    for extra, message in [
+        (["--algorithm", "random", "--beam-width", "2"], "--beam-width do not apply to --algorithm random"),
+        (["--budget", "0.5"], "a number ≥ 1, got 0.5"),
+        (["--report", str(tmp_path / "mine.json")], "is not a search report"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli_main([*base, *extra, "--output-dir", str(tmp_path / "x")])
+        error = capsys.readouterr().err.strip().splitlines()
+        assert message in error[-1] and error[-1].startswith("error:"), error
