@@ -199,3 +199,19 @@ def test_the_search_command_writes_images_and_a_report(tmp_path, capsys):
             cli_main([*base, *extra, "--output-dir", str(tmp_path / "x")])
         error = capsys.readouterr().err.strip().splitlines()
         assert message in error[-1] and error[-1].startswith("error:"), error
+
+
+@pytest.mark.parametrize("algorithm", ["random", "paths"])
+def test_soft_selection_draws_among_candidates_and_tends_to_the_best(search_pipe, algorithm):
+    def run(temperature):
+        return search_pipe(
+            list(range(10)), verifier=VERIFIER, algorithm=algorithm, budget=8, output_type="np",
+            generator=torch.Generator().manual_seed(4), selection_temperature=temperature,
+        )  # fmt: skip
+
+    best, cold, hot = run(None), run(1e-6), run(1e3)
+    assert np.array_equal(cold.images, best.images)  # a temperature near 0 is the argmax
+    assert np.array_equal(run(1e3).images, hot.images)  # deterministic for a generator
+    assert float(hot.scores.mean()) < float(best.scores.mean())  # hot: close to a uniform pick
+    with pytest.raises(ValueError, match="selection_temperature must be a number > 0"):
+        run(0)

@@ -15,9 +15,9 @@ from .var import OUTPUT_TYPES, VARPipeline
 
 # the knobs of each algorithm (anything else given for it is an error, not ignored)
 ALGORITHM_OPTIONS = {
-    "random": (),
+    "random": ("selection_temperature",),
     "zero-order": ("neighbours", "redraw_fraction", "redraw_scales"),
-    "paths": ("beam_width", "branch_factor", "branch_scales"),
+    "paths": ("beam_width", "branch_factor", "branch_scales", "selection_temperature"),
 }
 
 
@@ -89,7 +89,7 @@ class VARSearchPipeline(VARPipeline):
             budget: transformer compute per image, in plain samples (≥ 1; guidance counted on both sides).
             generator: one generator (each image's own is derived from it, deterministically) or one per image.
             search_options: zero-order ``neighbours``, ``redraw_fraction``, ``redraw_scales``; paths
-                ``beam_width``, ``branch_factor``, ``branch_scales`` (see
+                ``beam_width``, ``branch_factor``, ``branch_scales``; random and paths ``selection_temperature`` (see
                 :class:`~diffusers_var.search.algorithms.SearchSampler`).
         """
         if verifier is None or not callable(verifier):

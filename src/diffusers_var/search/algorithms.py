@@ -69,6 +69,28 @@ def child_generators(generator: torch.Generator, count: int) -> list[torch.Gener
     return [first] + [torch.Generator(generator.device).manual_seed(int(s) >> 1) for s in seeds]
 
 
+def selection_generator(generator: torch.Generator) -> torch.Generator:
+    """A generator for choosing among candidates (soft selection), derived from ``generator`` without advancing it
+    and independent of the candidates' own streams."""
+    source = torch.Generator(generator.device)
+    source.set_state(generator.get_state())
+    root = int(torch.randint(0, 2**62, (1,), generator=source, device=generator.device))
+    seed = int(np.random.SeedSequence([root, 0x5E1EC7]).generate_state(1, dtype=np.uint64)[0]) >> 1
+    return torch.Generator(generator.device).manual_seed(seed)
+
+
+def choose(scores: torch.Tensor, temperature: float | None, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Per row of ``scores`` (images × candidates): the best candidate, or with a ``temperature`` one drawn with
+    probability ∝ exp(score / temperature), which keeps some of the model's diversity instead of the verifier's
+    single favourite (strict selection overfits the verifier: its score rises while FID worsens)."""
+    if temperature is None:
+        return scores.argmax(dim=1)
+    probabilities = (scores / temperature).softmax(dim=1)
+    return torch.stack(
+        [torch.multinomial(p, 1, generator=g).squeeze(0) for p, g in zip(probabilities.cpu(), generators)]
+    )
+
+
 class SearchSampler:
     """Search with a verifier over a :class:`~diffusers_var.VARPipeline`'s samples, within a budget.
 
@@ -81,6 +103,9 @@ class SearchSampler:
             each neighbour re-draws, at which scales (default: all; the others keep the pivot's tokens).
         beam_width, branch_factor, branch_scales: paths: W kept per image, F forks of each, the scales where previews
             are scored (default: the first scale at least half the final side). Defaults fill the budget.
+        selection_temperature: random and paths: instead of the best final candidate, draw one with probability
+            ∝ exp(score / temperature) (against verifier overfitting; ``None``, the default, keeps the best, and
+            only then is no result below its first candidate).
     """
 
     def __init__(
@@ -95,6 +120,7 @@ class SearchSampler:
         beam_width: int | None = None,
         branch_factor: int | None = None,
         branch_scales: tuple[int, ...] | None = None,
+        selection_temperature: float | None = None,
     ):
         from .rejection import default_rejection_scale
 
@@ -106,6 +132,16 @@ class SearchSampler:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 1:
             raise ValueError(f"budget is transformer compute per image in plain samples, a number ≥ 1, got {budget!r}.")
         self.pipe, self.verifier, self.algorithm, self.budget = pipe, verifier, algorithm, float(budget)
+        if selection_temperature is not None:
+            if algorithm == "zero-order":
+                raise ValueError("selection_temperature applies to the final choice of random and paths search.")
+            if (
+                isinstance(selection_temperature, bool)
+                or not isinstance(selection_temperature, (int, float))
+                or not (0 < selection_temperature < math.inf)
+            ):
+                raise ValueError(f"selection_temperature must be a number > 0, got {selection_temperature!r}.")
+        self.selection_temperature = selection_temperature
         last = len(patch_nums) - 1
 
         def scales(value, name: str, allowed_last: int) -> tuple[int, ...]:
@@ -226,18 +262,18 @@ class SearchSampler:
         all images; the best of each image is kept. (Rejection sampling's final mode is this.)"""
         count = len(per_image[0])
         self.verifier_calls, self.candidates = getattr(self, "verifier_calls", 0), getattr(self, "candidates", 0)
-        best_images, best, first = None, None, None
+        selectors = [selection_generator(g[0]) for g in per_image] if self.selection_temperature else None
+        all_images, all_scores = [], []
         for n in range(count):
             images, _, previews, _ = self._sample(labels, [g[n] for g in per_image], sampling)
             self.candidates += len(labels)
-            scores = self._score(images, torch.tensor(labels), previews)
-            if best_images is None:
-                best_images, best, first = images.copy(), scores.clone(), scores.clone()
-                continue
-            better = scores > best
-            best_images[better.numpy()] = images[better.numpy()]
-            best = torch.where(better, scores, best)
-        return self._output(best_images, labels, best, first, float(count))
+            all_images.append(images)
+            all_scores.append(self._score(images, torch.tensor(labels), previews))
+        scores = torch.stack(all_scores, dim=1)  # images × candidates
+        chosen = choose(scores, self.selection_temperature, selectors)
+        rows = torch.arange(len(labels))
+        kept = np.stack([all_images[int(c)][i] for i, c in enumerate(chosen)])
+        return self._output(kept, labels, scores[rows, chosen], scores[:, 0].clone(), float(count))
 
     def _zero_order(self, labels, generators, sampling) -> SearchOutput:
         count, rounds, n = len(labels), self.rounds, self.neighbours
@@ -319,8 +355,10 @@ class SearchSampler:
         images, kept_labels, previews, _ = self._sample(start_labels, start_generators, sampling, state_callback=branch)
         self.candidates += count * rows_per_image
         scores = self._score(images, kept_labels, previews).view(count, width)
-        best = scores.argmax(dim=1)  # the final choice is made among full images
+        selectors = [selection_generator(g) for g in generators] if self.selection_temperature else None
+        best = choose(scores, self.selection_temperature, selectors)  # the final choice is made among full images
         chosen = (torch.arange(count) * width + best).numpy()
         # its first candidate: the first full image the beam finished (the plain sample when it survived)
         cost = self._paths_cost(width, factor)
-        return self._output(images[chosen], labels, scores.max(dim=1).values, scores[:, 0].clone(), cost)
+        kept_scores = scores[torch.arange(count), best]
+        return self._output(images[chosen], labels, kept_scores, scores[:, 0].clone(), cost)

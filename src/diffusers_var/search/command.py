@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam-width", type=int, default=None, help="paths: kept per image (default: budget / 4)")
     parser.add_argument("--branch-factor", type=int, default=None, help="paths: forks (default: what fits)")
     parser.add_argument("--branch-scales", type=int, nargs="+", default=None, help="paths: where to prune")
+    parser.add_argument(
+        "--selection-temperature",
+        type=float,
+        default=None,
+        help="random and paths: draw the kept image ∝ exp(score / T) instead of the best, against verifier "
+        "overfitting (default: the best)",
+    )
     parser.add_argument("--guidance-scale", type=float, default=None, help="(default: the pipeline's, 2.5)")
     parser.add_argument("--top-k", type=int, default=None, help="0 = off (default: the pipeline's, 900)")
     parser.add_argument("--top-p", type=float, default=None, help="1.0 = off (default: the pipeline's, 0.96)")
@@ -94,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 OPTIONS = {
     "neighbours": "neighbours", "redraw_fraction": "redraw_fraction", "redraw_scales": "redraw_scales",
     "beam_width": "beam_width", "branch_factor": "branch_factor", "branch_scales": "branch_scales",
+    "selection_temperature": "selection_temperature",
 }  # fmt: skip
 
 
