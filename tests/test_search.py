@@ -215,3 +215,21 @@ def test_soft_selection_draws_among_candidates_and_tends_to_the_best(search_pipe
     assert float(hot.scores.mean()) < float(best.scores.mean())  # hot: close to a uniform pick
     with pytest.raises(ValueError, match="selection_temperature must be a number > 0"):
         run(0)
+
+
+def test_the_search_example_runs_in_smoke_form(tmp_path):
+    """examples/search/digits_search.py with 1 image per class and budgets 1 and 4: the table and the plot."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "search" / "digits_search.py"
+    spec = importlib.util.spec_from_file_location("digits_search", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--output_dir", str(tmp_path), "--num_per_class", "1", "--budgets", "1", "4"])
+    assert (tmp_path / "search.png").is_file()
+    assert json.loads((tmp_path / "search.json").read_text()) == report
+    algorithms = [(r["algorithm"], r["budget"]) for r in report["results"]]
+    assert algorithms == [("random", 1), ("random", 4), ("zero-order", 4), ("paths", 1), ("paths", 4)]
+    assert all(r["budget_used_per_image"] <= r["budget"] for r in report["results"])

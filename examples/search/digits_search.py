@@ -11,7 +11,8 @@ plain samples are ambiguous digits. The results are judged by what the search ne
 
 Writes ``search.json`` (per algorithm and budget: mean verifier p(y|x), SVC agreement, FID, budget used, verifier
 calls) and ``search.png`` (the three figures against the budget). With ``--bar``: budget 8 only, plus plain
-sampling, 100 per class, and ``bar.json`` with each algorithm's error rate against plain sampling's.
+sampling and random search with soft selection (``selection_temperature`` 0.5, against verifier overfitting),
+100 per class, and ``bar.json`` with each algorithm's error rate against plain sampling's and every FID.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ UNGUIDED = {"guidance_scale": 1.0, "top_k": 0, "top_p": 1.0}
 COLOURS = {"random": (31, 119, 180), "zero-order": (255, 127, 14), "paths": (44, 160, 44)}
 
 
-def run(pipe, verifier, algorithm: str, budget: float, labels: list[int], seed: int, batch_size: int) -> dict:
+def run(
+    pipe, verifier, algorithm: str, budget: float, labels: list[int], seed: int, batch_size: int, **options
+) -> dict:
     """One search over ``labels`` (in batches); the figures that judge it."""
     reference = default_reference()
     images, scores, used, calls = [], [], 0.0, 0
@@ -51,7 +54,7 @@ def run(pipe, verifier, algorithm: str, budget: float, labels: list[int], seed: 
         for c in chunk:  # the seed of (class, index), as generate gives it
             generators.append(torch.Generator().manual_seed(sample_seed(seed, c, start + index[c])))
             index[c] += 1
-        search = SearchSampler(pipe, verifier, algorithm, budget)
+        search = SearchSampler(pipe, verifier, algorithm, budget, **options)
         out = search(chunk, generators, **UNGUIDED)
         images.append(out.images)
         scores.append(out.scores.exp())
@@ -62,6 +65,7 @@ def run(pipe, verifier, algorithm: str, budget: float, labels: list[int], seed: 
     misread = reference.predict(images) != labels_array
     return {
         "algorithm": algorithm,
+        "options": options,
         "budget": budget,
         "samples": len(labels),
         "verifier_p_mean": float(torch.cat(scores).mean()),
@@ -140,6 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
                 report["plain"]["svc_error_rate"], 1e-12
             )
             print(algorithm, json.dumps(report[algorithm]), flush=True)
+        # against verifier overfitting: the kept image drawn ∝ exp(log p / T) instead of the best
+        soft = run(pipe, verifier, "random", 8, labels, args.seed, args.batch_size, selection_temperature=0.5)
+        report["random, selection_temperature 0.5"] = soft
+        print("random soft", json.dumps(soft), flush=True)
         _write_json_atomically(report, out / "bar.json")
         return report
     results = []
