@@ -10,9 +10,11 @@
   survivors are finished and the final choice is made among full images.
 
 The budget is counted in transformer token positions, one plain sample = 1.0 (guidance doubles both sides, so it
-cancels), per image; it is never exceeded. Verifier calls are counted beside it, not in it. Every algorithm
-starts from the plain sample of each image's own generator, and keeps it unless something scores higher: no result
-scores below its first candidate.
+cancels), per image; it is never exceeded. Verifier calls are counted beside it, not in it. Each image's first
+candidate is the plain sample of its own generator (for paths: its first row, which the beam may prune, so there
+the first candidate is the first full image the beam finishes); with the default selection no result scores below
+its first candidate, and budget 1 gives the plain sample. At a branch scale, paths scores previews; a verifier that
+compares an image with its preview (self-consistency) has nothing to compare there and ranks them equally.
 """
 
 from __future__ import annotations
