@@ -233,3 +233,47 @@ def test_the_search_example_runs_in_smoke_form(tmp_path):
     algorithms = [(r["algorithm"], r["budget"]) for r in report["results"]]
     assert algorithms == [("random", 1), ("random", 4), ("zero-order", 4), ("paths", 1), ("paths", 4)]
     assert all(r["budget_used_per_image"] <= r["budget"] for r in report["results"])
+
+
+def tiny_clip(folder) -> str:
+    """A random CLIPModel with a character-level CLIP tokenizer and its processor, saved as a folder."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    end = vocab["<|endoftext|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=32, eos_token_id=end, pad_token_id=end,
+                bos_token_id=vocab["<|startoftext|>"])  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    size = {"shortest_edge": 32}
+    processor = CLIPProcessor(CLIPImageProcessor(size=size, crop_size={"height": 32, "width": 32}), tokenizer)
+    model.save_pretrained(folder / "clip")
+    processor.save_pretrained(folder / "clip")
+    return str(folder / "clip")
+
+
+def test_clip_verifier_is_clip_zero_shot_over_the_class_names(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = tiny_clip(tmp_path / "tiny-clip")
+    names = {i: f"digit {i}, number {i}" for i in range(10)}
+    verifier = CLIPVerifier(folder, names)
+    assert verifier.prompts[3] == "a photo of a digit 3"  # the first synonym
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    model, processor = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    inputs = processor(text=verifier.prompts, images=list(images), return_tensors="pt", padding=True)
+    expected = model(**inputs).logits_per_image.log_softmax(-1)[[0, 1], [3, 8]]
+    assert torch.allclose(verifier(images, torch.tensor([3, 8])), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="has names for 10 classes; the generator has 12"):
+        verifier.check_classes(12)
