@@ -184,3 +184,13 @@ def test_the_editing_example_runs_in_smoke_form(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert report["editing"]["edits"] == 4 * 9 and 0 <= report["editing"]["p_target_after_edit_mean"] <= 1
     assert report["reconstruction"]["tokenizer"]["token_accuracy"] == [1.0] * 6
+
+
+def test_float_pil_masks_keep_their_values_and_integer_ones_are_refused():
+    from diffusers_var.pipelines.image_inputs import prepare_mask
+
+    values = np.zeros((8, 8), np.float32)
+    values[4:] = 1.0
+    assert torch.equal(prepare_mask(PIL.Image.fromarray(values, "F")), prepare_mask(values))
+    with pytest.raises(ValueError, match="mode I"):
+        prepare_mask(PIL.Image.fromarray(values.astype(np.int32), "I"))

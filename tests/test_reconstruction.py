@@ -89,3 +89,20 @@ def test_bad_inputs_name_the_value_and_what_is_allowed(pipe):
         with pytest.raises(ValueError) as error:
             pipe.reconstruct(**kwargs)
         assert message in str(error.value), (message, str(error.value))
+
+
+def test_teacher_forcing_refuses_non_finite_logits_and_unknown_knobs(pipe):
+    from diffusers_var import NonFiniteError
+
+    images = (tiny_images(2) + 1) / 2
+    with pytest.raises(ValueError, match="takes the sampling arguments"):
+        pipe.reconstruct(images, [1, 2], more_smooth=True)
+    with torch.no_grad():
+        next(pipe.transformer.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="teacher-forcing logits"):
+        pipe.reconstruct(images, [1, 2], method="teacher_forcing")
+
+
+def test_decoding_works_outside_no_grad(pipe):
+    latents = pipe(class_labels=[1], output_type="latent").images
+    assert pipe.decode_latents(latents, "np").shape == (1, 8, 8, 3)

@@ -142,7 +142,7 @@ def test_self_consistency_searches_with_previews(search_pipe):
 def test_bad_inputs_name_the_value_and_what_is_allowed(search_pipe, tmp_path):
     cases = [
         (dict(algorithm="beam"), "algorithm must be one of ('random', 'zero-order', 'paths')"),
-        (dict(budget=0.5), "a number ≥ 1, got 0.5"),
+        (dict(budget=0.5), "a finite number ≥ 1, got 0.5"),
         (dict(budget=True), "got True"),
         (dict(algorithm="paths", branch_scales=(5,)), "branch_scales must be scale indices in [0, 1]"),
         (dict(algorithm="paths", beam_width=3, branch_factor=3, budget=2), "costs"),
@@ -192,7 +192,7 @@ def test_the_search_command_writes_images_and_a_report(tmp_path, capsys):
     (tmp_path / "mine.json").write_text("{}")
     for extra, message in [
         (["--algorithm", "random", "--beam-width", "2"], "--beam-width do not apply to --algorithm random"),
-        (["--budget", "0.5"], "a number ≥ 1, got 0.5"),
+        (["--budget", "0.5"], "a finite number ≥ 1, got 0.5"),
         (["--report", str(tmp_path / "mine.json")], "is not a search report"),
     ]:
         with pytest.raises(SystemExit):
@@ -277,3 +277,47 @@ def test_clip_verifier_is_clip_zero_shot_over_the_class_names(tmp_path):
     assert torch.allclose(verifier(images, torch.tensor([3, 8])), expected, atol=1e-5)
     with pytest.raises(ValueError, match="has names for 10 classes; the generator has 12"):
         verifier.check_classes(12)
+
+
+def test_one_generator_splits_into_independent_images_and_candidates():
+    from diffusers_var.search.algorithms import IMAGES, child_generators
+
+    images = child_generators(torch.Generator().manual_seed(0), 4, IMAGES)
+    seeds = [g.initial_seed() for g in images[1:]]
+    for image in images:  # no image's candidates reuse another image's plain-sample seed
+        candidates = [g.initial_seed() for g in child_generators(image, 4)[1:]]
+        assert not set(candidates) & set(seeds)
+
+
+def test_no_generator_follows_torch_manual_seed_without_reseeding_it(search_pipe):
+    torch.manual_seed(0)
+    first = search_pipe([1, 2], verifier=VERIFIER, budget=2, output_type="np").images
+    after_first = torch.rand(1)
+    torch.manual_seed(0)
+    second = search_pipe([1, 2], verifier=VERIFIER, budget=2, output_type="np").images
+    assert np.array_equal(first, second) and torch.equal(torch.rand(1), after_first)
+
+
+def test_more_bad_inputs_are_named(search_pipe, tmp_path):
+    from diffusers_var.cli import main as cli_main
+
+    with pytest.raises(ValueError, match="class ids"):
+        SearchSampler(search_pipe, VERIFIER, "random", 2)([2.7], [torch.Generator()])
+    with pytest.raises(ValueError, match="finite number ≥ 1, got inf"):
+        SearchSampler(search_pipe, VERIFIER, "random", float("inf"))
+    with pytest.raises(ValueError, match=r"preview at scale 2; it must be a scale before the last, in \[0, 1\]"):
+        SearchSampler(search_pipe, SelfConsistencyVerifier("digits-classifier", preview_scale=2), "random", 2)
+    with pytest.raises(ValueError, match="3 generators for num_images_per_prompt=1"):
+        search_pipe(verifier=VERIFIER, generator=[torch.Generator() for _ in range(3)])
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(SystemExit):
+        cli_main(["search", "--verifier", "digits-classifier", "--report", str(tmp_path / "folder.json")])
+
+
+def test_soft_selection_works_with_generators_on_the_sampling_device(search_pipe):
+    from diffusers_var.search.algorithms import choose, selection_generator
+
+    selector = selection_generator(torch.Generator().manual_seed(0))
+    assert selector.device.type == "cpu"  # draws on the CPU, where the scores are, whatever the sampling device
+    chosen = choose(torch.tensor([[0.0, 5.0, 0.0]]), 1e-3, [selector])
+    assert chosen.tolist() == [1]

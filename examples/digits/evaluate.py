@@ -274,7 +274,32 @@ def evaluate(samples_dir: str | os.PathLike, data_dir: str | os.PathLike) -> dic
     }
 
 
+WRITTEN_BY = "diffusers-var examples"  # the mark of the JSON reports these scripts write
+
+
+def _ours(path: Path) -> bool:
+    """Whether an existing output is one of ours: a report with our mark, or an image with our EXIF tag."""
+    from diffusers_var.generate import written_by_us
+
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("written_by") == WRITTEN_BY
+        except (OSError, ValueError, AttributeError):
+            return False
+    return written_by_us(path)
+
+
+def refuse_foreign_outputs(paths) -> None:
+    """Before any work: an output path that holds a file these scripts did not write is an error, not replaced."""
+    for path in map(Path, paths):
+        if path.exists() and (path.is_dir() or not _ours(path)):
+            raise SystemExit(f"error: {path} exists and was not written by this script; move it or use another folder.")
+
+
 def _write_json_atomically(report: dict, path: Path) -> None:
+    path = Path(path)
+    refuse_foreign_outputs([path])
+    report.setdefault("written_by", WRITTEN_BY)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from evaluate import _write_json_atomically
+from evaluate import _write_json_atomically, refuse_foreign_outputs
 from prepare_data import load_digits_split
 
 from diffusers_var.evaluation.image_models import load_image_model
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=250)
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
+    refuse_foreign_outputs([Path(args.output_dir) / "fid_sensitivity.json"])
     torch.manual_seed(0)
 
     samples, labels = sample(args)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
-from evaluate import _write_json_atomically, default_reference
+from evaluate import _write_json_atomically, default_reference, refuse_foreign_outputs
 
 from diffusers_var.generate import add_arguments, generate, save_image_atomically
 
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=250)
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
+    refuse_foreign_outputs([Path(args.output_dir) / "report.json", Path(args.output_dir) / "misread.png"])
 
     report, images = {}, {}
     for run in RUNS:

@@ -31,7 +31,7 @@ import PIL.Image
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "digits"))
-from evaluate import _write_json_atomically, default_reference  # noqa: E402
+from evaluate import _write_json_atomically, default_reference, refuse_foreign_outputs  # noqa: E402
 from prepare_data import load_digits_split  # noqa: E402
 
 from diffusers_var import VARInpaintPipeline  # noqa: E402
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     os.makedirs(out, exist_ok=True)
+    names = ("inpainting.png", "outpainting.png", "class_edit.png", "reconstructions.png", "report.json")
+    refuse_foreign_outputs([out / name for name in names])  # (progressive.png: generate checks it)
     pipe = VARInpaintPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     _, _, images, labels = load_digits_split()

@@ -29,7 +29,7 @@ import PIL.ImageDraw
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "digits"))
-from evaluate import _write_json_atomically, default_reference, digits_fid  # noqa: E402
+from evaluate import _write_json_atomically, default_reference, digits_fid, refuse_foreign_outputs  # noqa: E402
 from prepare_data import load_digits_split  # noqa: E402
 
 from diffusers_var import VARPipeline  # noqa: E402
@@ -47,13 +47,13 @@ def run(
     """One search over ``labels`` (in batches); the figures that judge it."""
     reference = default_reference()
     images, scores, used, calls = [], [], 0.0, 0
+    jobs = [(c, sum(1 for d in labels[:k] if d == c)) for k, c in enumerate(labels)]  # (class, index in class)
     for start in range(0, len(labels), batch_size):
         chunk = labels[start : start + batch_size]
-        index = {c: 0 for c in set(chunk)}
-        generators = []
-        for c in chunk:  # the seed of (class, index), as generate gives it
-            generators.append(torch.Generator().manual_seed(sample_seed(seed, c, start + index[c])))
-            index[c] += 1
+        # each image's seed is generate's for its (class, index): independent of the batching
+        generators = [
+            torch.Generator().manual_seed(sample_seed(seed, c, i)) for c, i in jobs[start : start + batch_size]
+        ]
         search = SearchSampler(pipe, verifier, algorithm, budget, **options)
         out = search(chunk, generators, **UNGUIDED)
         images.append(out.images)
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     os.makedirs(out, exist_ok=True)
+    refuse_foreign_outputs([out / name for name in ("search.json", "search.png", "bar.json")])
     pipe = VARPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     verifier = ClassifierVerifier("digits-classifier")

@@ -214,7 +214,7 @@ class GridCanvas:
         self.font = _font(max(12, min(28, self.cell // 5)))
         probe = PIL.ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
         self.label_width = max(int(probe.textlength(name, font=self.font)) for name in names) + 3 * GUTTER
-        self.top = 2 * self.font.size + GUTTER if column_titles and hasattr(self.font, "size") else GUTTER
+        self.top = 2 * getattr(self.font, "size", 11) + GUTTER if column_titles else GUTTER  # (bitmap font: 11 px)
         self.grid = PIL.Image.new(
             "RGB",
             (self.label_width + columns * (self.cell + GUTTER), self.top + len(names) * (self.cell + GUTTER)),

@@ -19,7 +19,7 @@ def _as_float_array(value, name: str) -> torch.Tensor:
             raise ValueError(f"{name} is a uint8 numpy array: pass floats in [0, 1] (array / 255), or a PIL image.")
         if not np.issubdtype(value.dtype, np.floating) and value.dtype != np.bool_:
             raise ValueError(f"{name} must hold floats in [0, 1], got a numpy array of {value.dtype}.")
-        return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        return torch.from_numpy(np.array(value, dtype=np.float32))  # a copy: the input may be read-only
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.uint8:
             raise ValueError(f"{name} is a uint8 tensor: pass floats in [0, 1] (tensor / 255), or a PIL image.")
@@ -90,8 +90,15 @@ def prepare_mask(mask_image: ImageInput, name: str = "mask_image") -> torch.Tens
         if not mask_image:
             raise ValueError(f"{name} is an empty list.")
         return torch.cat([prepare_mask(item, name) for item in mask_image])
+    if isinstance(mask_image, PIL.Image.Image) and mask_image.mode == "F":  # float pixels: values as they are
+        mask_image = np.asarray(mask_image, dtype=np.float32)
+    elif isinstance(mask_image, PIL.Image.Image) and mask_image.mode.startswith("I"):
+        raise ValueError(
+            f"{name} is a PIL image of mode {mask_image.mode} (integers of unknown range); pass a mode L image "
+            "(0-255), or a numpy array or tensor in [0, 1]."
+        )
     if isinstance(mask_image, PIL.Image.Image):
-        if mask_image.mode not in ("L", "1", "F", "I", "I;16"):
+        if mask_image.mode not in ("L", "1"):
             rgb = np.asarray(mask_image.convert("RGB"))
             if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
                 raise ValueError(

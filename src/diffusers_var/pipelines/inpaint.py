@@ -79,7 +79,7 @@ class VARInpaintPipeline(VARPipeline):
                 (H, W, 3) or (B, H, W, 3), or a tensor (3, H, W) or (B, 3, H, W).
             mask_image: white (1) = regenerate, black (0) = keep; any size (it is resized to each scale from its own
                 size, never through the image's): a PIL image, a numpy array (H, W[, 1]) or (B, H, W, 1), a tensor
-                (H, W), (1, H, W) or (B, 1, H, W), values in [0, 1]. One mask applies to the whole batch.
+                (H, W), (1, H, W) or (B, 1, H, W), values in [0, 1]: one mask for the whole batch, or one per image.
             class_labels: the class to generate the region as: one for all images, one per image, or several for
                 one image (edited once per class); ids or names; ``None`` (default) is unconditional, pure
                 in-painting.
@@ -112,6 +112,8 @@ class VARInpaintPipeline(VARPipeline):
             )
         keep = [k.expand(batch, -1, -1).to(device) for k in keep_masks(mask, tuple(self.vqvae.config.patch_nums))]
 
+        if isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0:
+            class_labels = class_labels.item()
         if (
             class_labels is None
             or isinstance(class_labels, (int, str, np.integer))

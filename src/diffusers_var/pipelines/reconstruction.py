@@ -20,9 +20,11 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
+from ..validation import NonFiniteError
 from .image_inputs import ImageInput, prepare_images
 
 METHODS = ("tokenizer", "teacher_forcing", "autoregressive")
+AUTOREGRESSIVE_SAMPLING = ("guidance_scale", "top_k", "top_p", "temperature")
 
 
 @dataclass
@@ -74,6 +76,9 @@ def reconstruct(
     if method != "autoregressive" and (prefix_scales is not None or sampling):
         given = (["prefix_scales"] if prefix_scales is not None else []) + sorted(sampling)
         raise ValueError(f"{', '.join(given)} only apply to method='autoregressive', not {method!r}.")
+    unknown = sorted(set(sampling) - set(AUTOREGRESSIVE_SAMPLING))
+    if unknown:
+        raise ValueError(f"reconstruct takes the sampling arguments {AUTOREGRESSIVE_SAMPLING}, not {unknown}.")
     if prefix_scales is None:
         prefix_scales = 0
     if isinstance(prefix_scales, bool) or not isinstance(prefix_scales, int) or not 0 <= prefix_scales <= num_scales:
@@ -85,6 +90,8 @@ def reconstruct(
     target = prepare_images(image, pipe.vqvae.image_size).to(device)  # [-1, 1]
     truth = pipe.vqvae.tokenize(target.to(pipe.vqvae.dtype))
     batch = truth[0].shape[0]
+    if isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0:
+        class_labels = class_labels.item()
     if class_labels is None or isinstance(class_labels, (int, str, np.integer)) and not isinstance(class_labels, bool):
         class_labels = [class_labels] * batch
     labels = torch.tensor(pipe._class_ids(class_labels, allow_unconditional=True))
@@ -94,7 +101,12 @@ def reconstruct(
     if method == "tokenizer":
         token_maps = truth
     elif method == "teacher_forcing":
-        logits = pipe.transformer(labels.to(device), pipe.vqvae.next_scale_inputs(truth)).logits
+        logits = pipe.transformer(  # explicit flags: a config asking for tuples or attention maps must not apply
+            labels.to(device), pipe.vqvae.next_scale_inputs(truth), return_dict=True, output_attentions=False,
+            output_hidden_states=False,
+        ).logits  # fmt: skip
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteError("The transformer's teacher-forcing logits hold NaN or inf: its weights are damaged.")
         sizes = [side * side for side in pipe.vqvae.config.patch_nums]
         predicted = logits.argmax(-1).split(sizes, dim=1)
         token_maps = [t.reshape(batch, side, side) for t, side in zip(predicted, pipe.vqvae.config.patch_nums)]

@@ -9,7 +9,7 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
-from ..search.algorithms import ALGORITHMS, SearchSampler, child_generators
+from ..search.algorithms import ALGORITHMS, IMAGES, SearchSampler, child_generators
 from ..validation import check_generator, check_integer
 from .var import OUTPUT_TYPES, VARPipeline
 
@@ -47,8 +47,8 @@ class VARSearchPipeline(VARPipeline):
     ``paths`` (a beam over scales), each scored by a verifier and limited by a budget in plain samples.
 
     It has :class:`VARPipeline`'s components and loading (``VARSearchPipeline(**pipe.components, **pipe.parameters)``,
-    ``from_pretrained`` with bundled names); the search runs VARPipeline's own sampling loop. With budget 1 every
-    algorithm returns the plain sample of each image's generator.
+    ``from_pretrained`` with bundled names); the search runs VARPipeline's own sampling loop. With budget 1, random
+    and paths return the plain sample of each image's generator (zero-order needs budget ≥ 1 + neighbours).
 
     Example:
         ```py
@@ -110,6 +110,11 @@ class VARSearchPipeline(VARPipeline):
         check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
         check_generator(generator)
         if class_labels is None:
+            if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
+                raise ValueError(
+                    f"Got {len(generator)} generators for num_images_per_prompt={num_images_per_prompt} random-class "
+                    "images; pass one generator, or one per image."
+                )
             labels = self._random_class_labels(num_images_per_prompt, generator)
         else:
             labels = torch.tensor(self._class_ids(class_labels)).repeat_interleave(num_images_per_prompt)
@@ -118,8 +123,13 @@ class VARSearchPipeline(VARPipeline):
             check_generator(generator, count)
             generators = list(generator)
         else:
-            source = generator if generator is not None else torch.Generator().manual_seed(torch.seed())
-            generators = child_generators(source, count)
+            # no generator: one seeded from the global RNG (torch.manual_seed makes the call reproducible)
+            source = (
+                generator
+                if generator is not None
+                else torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+            )
+            generators = child_generators(source, count, IMAGES)
         if hasattr(verifier, "check_classes"):
             verifier.check_classes(self.transformer.config.num_classes)
         sampler = SearchSampler(self, verifier, algorithm, budget, **search_options)

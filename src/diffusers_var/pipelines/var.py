@@ -294,12 +294,14 @@ class VARPipeline(DiffusionPipeline):
         state.latents = self.vqvae.accumulate_scale(state.latents, si, token_map, code_weights)
         return state
 
+    @torch.no_grad()
     def decode_state(self, state: VARSamplingState, output_type: str = "pil"):
         """The state's images as ``output_type``: raises :class:`NonFiniteError` first if any scale's logits were
         not finite (the draws went on so the loop could finish, but the image would be noise)."""
         self._check_finite_logits(state.finite)
         return self.decode_latents(state.latents, output_type)
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents f̂ → images in [0, 1] as ``output_type`` (``"latent"`` returns them as they are); NaN or inf in
         the latents or the decoded pixels raise :class:`NonFiniteError`. (Only :meth:`decode_state` also knows

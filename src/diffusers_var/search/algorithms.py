@@ -13,7 +13,8 @@ The budget is counted in transformer token positions, one plain sample = 1.0 (gu
 cancels), per image; it is never exceeded. Verifier calls are counted beside it, not in it. Each image's first
 candidate is the plain sample of its own generator (for paths: its first row, which the beam may prune, so there
 the first candidate is the first full image the beam finishes); with the default selection no result scores below
-its first candidate, and budget 1 gives the plain sample. At a branch scale, paths scores previews; a verifier that
+its first candidate, and for random and paths budget 1 gives the plain sample (zero-order needs a round of
+neighbours: budget ≥ 1 + neighbours). At a branch scale, paths scores previews; a verifier that
 compares an image with its preview (self-consistency) has nothing to compare there and ranks them equally.
 """
 
@@ -40,7 +41,9 @@ class SearchOutput:
         images: the kept images, uint8 (B, H, W, 3).
         class_labels: (B,).
         scores: the verifier's score of each kept image.
-        first_scores: the score of each image's first candidate (its plain sample): ``scores >= first_scores``.
+        first_scores: the score of each image's first candidate (its plain sample; for paths the first full image
+            the beam finished): ``scores >= first_scores`` with the default selection (not with a
+            ``selection_temperature``).
         budget_used: (B,) transformer compute per image, in plain samples.
         verifier_calls: images (and previews) the verifier scored.
         candidates: full or partial samples drawn.
@@ -59,26 +62,33 @@ class SearchOutput:
         return float(self.budget_used.sum())
 
 
-def child_generators(generator: torch.Generator, count: int) -> list[torch.Generator]:
-    """``count`` generators for one image: the first continues from ``generator``'s own state (so candidate 0 is the
-    plain sample), the others are seeded from a number drawn from a copy of it (deterministic, independent)."""
-    first = torch.Generator(generator.device)
-    first.set_state(generator.get_state())
+# Independent streams derived from one generator, one domain per purpose: the images of a call, the candidates of an
+# image, the choice among them. (Deriving two levels from the same root would hand an image's candidates the seeds of
+# its neighbours' plain samples.)
+CANDIDATES, IMAGES, SELECTION = 0, 1, 2
+
+
+def _derived_seeds(generator: torch.Generator, count: int, purpose: int) -> list[int]:
+    """``count`` seeds derived from ``generator``'s state for ``purpose``, without advancing it."""
     source = torch.Generator(generator.device)
     source.set_state(generator.get_state())
     root = int(torch.randint(0, 2**62, (1,), generator=source, device=generator.device))
-    seeds = np.random.SeedSequence(root).generate_state(max(count - 1, 0), dtype=np.uint64)
-    return [first] + [torch.Generator(generator.device).manual_seed(int(s) >> 1) for s in seeds]
+    return [int(s) >> 1 for s in np.random.SeedSequence([root, purpose]).generate_state(count, dtype=np.uint64)]
+
+
+def child_generators(generator: torch.Generator, count: int, purpose: int = CANDIDATES) -> list[torch.Generator]:
+    """``count`` generators: the first continues from ``generator``'s own state (so candidate 0 is the plain
+    sample), the others are seeded from it for ``purpose`` (deterministic, independent, ``generator`` untouched)."""
+    first = torch.Generator(generator.device)
+    first.set_state(generator.get_state())
+    seeds = _derived_seeds(generator, max(count - 1, 0), purpose)
+    return [first] + [torch.Generator(generator.device).manual_seed(seed) for seed in seeds]
 
 
 def selection_generator(generator: torch.Generator) -> torch.Generator:
-    """A generator for choosing among candidates (soft selection), derived from ``generator`` without advancing it
-    and independent of the candidates' own streams."""
-    source = torch.Generator(generator.device)
-    source.set_state(generator.get_state())
-    root = int(torch.randint(0, 2**62, (1,), generator=source, device=generator.device))
-    seed = int(np.random.SeedSequence([root, 0x5E1EC7]).generate_state(1, dtype=np.uint64)[0]) >> 1
-    return torch.Generator(generator.device).manual_seed(seed)
+    """A CPU generator for choosing among candidates (soft selection), derived from ``generator`` without advancing
+    it and independent of the candidates' own streams (the scores it draws from live on the CPU)."""
+    return torch.Generator().manual_seed(_derived_seeds(generator, 1, SELECTION)[0])
 
 
 def choose(scores: torch.Tensor, temperature: float | None, generators: list[torch.Generator] | None) -> torch.Tensor:
@@ -87,9 +97,9 @@ def choose(scores: torch.Tensor, temperature: float | None, generators: list[tor
     single favourite (strict selection overfits the verifier: its score rises while FID worsens)."""
     if temperature is None:
         return scores.argmax(dim=1)
-    probabilities = (scores / temperature).softmax(dim=1)
+    probabilities = (scores.float().cpu() / temperature).softmax(dim=1)
     return torch.stack(
-        [torch.multinomial(p, 1, generator=g).squeeze(0) for p, g in zip(probabilities.cpu(), generators)]
+        [torch.multinomial(p.to(g.device), 1, generator=g).squeeze(0).cpu() for p, g in zip(probabilities, generators)]
     )
 
 
@@ -131,9 +141,17 @@ class SearchSampler:
         self.total = sum(self.sizes)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}.")
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 1:
-            raise ValueError(f"budget is transformer compute per image in plain samples, a number ≥ 1, got {budget!r}.")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1 <= budget < math.inf:
+            raise ValueError(
+                f"budget is transformer compute per image in plain samples, a finite number ≥ 1, got {budget!r}."
+            )
         self.pipe, self.verifier, self.algorithm, self.budget = pipe, verifier, algorithm, float(budget)
+        preview = preview_scale_of(verifier)
+        if preview is not None and not 0 <= preview < len(patch_nums) - 1:
+            raise ValueError(
+                f"The verifier compares images with their preview at scale {preview}; it must be a scale before the "
+                f"last, in [0, {len(patch_nums) - 2}] for patch_nums={patch_nums}."
+            )
         if selection_temperature is not None:
             if algorithm == "zero-order":
                 raise ValueError("selection_temperature applies to the final choice of random and paths search.")
@@ -238,6 +256,9 @@ class SearchSampler:
         """Search for each of ``class_labels`` (class ids), image i drawing from ``generators[i]`` (its first
         candidate is exactly the plain sample of that generator). ``sampling``: the pipeline's ``guidance_scale``,
         ``top_k``, ``top_p``, ``temperature``."""
+        bad = [c for c in class_labels if isinstance(c, bool) or not isinstance(c, (int, np.integer))]
+        if bad:
+            raise ValueError(f"class_labels are class ids (integers), got {bad[:5]}.")
         labels = [int(c) for c in class_labels]
         if not labels or len(generators) != len(labels):
             raise ValueError(f"Give one generator per image: {len(labels)} labels, {len(generators)} generators.")
@@ -263,7 +284,7 @@ class SearchSampler:
         """Candidate n of image i draws from ``per_image[i][n]``; each candidate index is one call of the loop for
         all images; the best of each image is kept. (Rejection sampling's final mode is this.)"""
         count = len(per_image[0])
-        self.verifier_calls, self.candidates = getattr(self, "verifier_calls", 0), getattr(self, "candidates", 0)
+        self.verifier_calls, self.candidates = 0, 0
         selectors = [selection_generator(g[0]) for g in per_image] if self.selection_temperature else None
         all_images, all_scores = [], []
         for n in range(count):

@@ -8,7 +8,8 @@ Usage::
 ``--verifier``: a classifier (an ``AutoModelForImageClassification`` folder, repo id or bundled name), or
 ``clip:SPEC`` (CLIP zero-shot over the model's class names), ``linear:BACKBONE:HEAD.safetensors`` (a linear head on a
 backbone's features) or ``self:BACKBONE@SCALE`` (agreement of the final image with its preview at SCALE). Each image
-``(class, index)`` starts from the seed ``generate`` gives it, so budget 1 writes ``generate``'s images. A JSON report
+``(class, index)`` starts from the seed ``generate`` gives it, so budget 1 (random, paths) writes ``generate``'s
+images. A JSON report
 (``--report``, default ``search_report.json`` beside the output) holds every image's score and compute.
 """
 
@@ -26,6 +27,7 @@ from ..generate import (
     DTYPES,
     GridCanvas,
     _parse_labels,
+    _writable_folder,
     check_device,
     check_grid_size,
     check_outputs,
@@ -114,6 +116,9 @@ def _report_path(args: argparse.Namespace) -> Path:
         path = Path(args.output_dir) / "search_report.json"
     else:
         path = grid_path(args).with_name("search_report.json")
+    if path.is_dir():
+        raise ValueError(f"--report {path} is a folder; give a file name such as search_report.json.")
+    _writable_folder(path.parent, "--report's folder")
     if path.exists() and not args.overwrite:
         try:
             ours = {"algorithm", "per_image"} <= set(json.loads(path.read_text(encoding="utf-8")))
