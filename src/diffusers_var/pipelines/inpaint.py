@@ -26,7 +26,9 @@ class VARInpaintPipeline(VARPipeline):
     It follows the official zero-shot editing procedure (``demo_zero_shot_edit.ipynb``): the keep mask
     ``1 − mask_image`` is resized bilinearly (align_corners=False) from its own size to each scale and thresholded
     at > 0.5; scales of at most 3 tokens are kept whole; kept positions take the input's tokens, the others are
-    sampled. Out-painting is the inverted mask; class-conditional editing regenerates a region under a new class
+    sampled. (The bilinear resize does not average: a region thinner than a token in a full-resolution mask can vanish
+    at a scale. Give the mask at the last scale's token resolution, as the official notebook does, for exact control
+    over which tokens are regenerated.) Out-painting is the inverted mask; class-conditional editing regenerates a region under a new class
     (``class_labels``); ``None`` as the class (the default) is pure in-painting, unconditional on both guidance
     branches.
 
