@@ -28,9 +28,9 @@ class VARInpaintPipeline(VARPipeline):
     at > 0.5; scales of at most 3 tokens are kept whole; kept positions take the input's tokens, the others are
     sampled. (The bilinear resize does not average: a region thinner than a token in a full-resolution mask can vanish
     at a scale. Give the mask at the last scale's token resolution, as the official notebook does, for exact control
-    over which tokens are regenerated.) Out-painting is the inverted mask; class-conditional editing regenerates a region under a new class
-    (``class_labels``); ``None`` as the class (the default) is pure in-painting, unconditional on both guidance
-    branches.
+    over which tokens are regenerated.) Out-painting is the inverted mask; class-conditional editing regenerates a
+    region under a new class (``class_labels``); ``None`` as the class (the default) is pure in-painting,
+    unconditional on both guidance branches.
 
     It has :class:`VARPipeline`'s components, loading (bundled names such as ``var-digits`` too), saving and
     sampling defaults: ``VARInpaintPipeline(**pipe.components, **pipe.parameters)`` shares a loaded pipeline's
