@@ -99,6 +99,10 @@ class VARInpaintPipeline(VARPipeline):
         if mask_image is None:
             raise ValueError("mask_image is required: white (1) = regenerate, black (0) = keep.")
         check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        self._check_call_arguments(  # before tokenizing: a bad argument fails at once
+            guidance_scale, top_k, top_p, temperature, more_smooth, output_type, generator,
+            callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
         device = self._execution_device
         if image is not None:
             pixels = prepare_images(image, self.vqvae.image_size)
