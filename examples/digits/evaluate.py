@@ -316,13 +316,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data_dir", required=True, help="the image folder written by prepare_data.py")
     parser.add_argument("--output_json", default=None, help="also write the report here")
     args = parser.parse_args(argv)
+    if args.output_json:
+        refuse_foreign_outputs([Path(args.output_json)])  # before the work, not after
     try:
         report = evaluate(args.samples_dir, args.data_dir)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
-    print(json.dumps(report, indent=2))
     if args.output_json:
         _write_json_atomically(report, Path(args.output_json))
+    print(json.dumps(report, indent=2))
     return report
 
 
