@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -118,23 +117,10 @@ class VARInpaintPipeline(VARPipeline):
             )
         keep = [k.expand(batch, -1, -1).to(device) for k in keep_masks(mask, tuple(self.vqvae.config.patch_nums))]
 
-        if isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0:
-            class_labels = class_labels.item()
-        if (
-            class_labels is None
-            or isinstance(class_labels, (int, str, np.integer))
-            and not isinstance(class_labels, bool)
-        ):
-            class_labels = [class_labels] * batch
-        labels = torch.tensor(self._class_ids(class_labels, allow_unconditional=True))
+        labels = self._labels_for_images(class_labels, batch, one_image_many_labels=True)
         if batch == 1 and labels.shape[0] > 1:  # one image, several classes: edit it once per class
             token_maps = [t.expand(labels.shape[0], -1, -1) for t in token_maps]
             keep = [k.expand(labels.shape[0], -1, -1) for k in keep]
-        elif labels.shape[0] != batch:
-            raise ValueError(
-                f"Got {labels.shape[0]} class labels for {batch} images: pass one label, one per image, or one "
-                "image with several labels."
-            )
         repeat = num_images_per_prompt
         return self._sample(
             labels.repeat_interleave(repeat),

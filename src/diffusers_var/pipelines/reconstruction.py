@@ -90,13 +90,7 @@ def reconstruct(
     target = prepare_images(image, pipe.vqvae.image_size).to(device)  # [-1, 1]
     truth = pipe.vqvae.tokenize(target.to(pipe.vqvae.dtype))
     batch = truth[0].shape[0]
-    if isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0:
-        class_labels = class_labels.item()
-    if class_labels is None or isinstance(class_labels, (int, str, np.integer)) and not isinstance(class_labels, bool):
-        class_labels = [class_labels] * batch
-    labels = torch.tensor(pipe._class_ids(class_labels, allow_unconditional=True))
-    if labels.shape[0] != batch:
-        raise ValueError(f"Got {labels.shape[0]} class labels for {batch} images: pass one label, or one per image.")
+    labels = pipe._labels_for_images(class_labels, batch)
 
     if method == "tokenizer":
         token_maps = truth

@@ -10,7 +10,7 @@ import torch
 from diffusers.utils import BaseOutput
 
 from ..search.algorithms import ALGORITHMS, IMAGES, SearchSampler, child_generators
-from ..validation import check_generator, check_integer
+from ..validation import check_generator
 from .var import OUTPUT_TYPES, VARPipeline
 
 # the knobs of each algorithm (anything else given for it is an error, not ignored)
@@ -107,17 +107,8 @@ class VARSearchPipeline(VARPipeline):
             )
         if output_type not in OUTPUT_TYPES or output_type == "latent":
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt' for a search, got {output_type!r}.")
-        check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
         check_generator(generator)
-        if class_labels is None:
-            if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
-                raise ValueError(
-                    f"Got {len(generator)} generators for num_images_per_prompt={num_images_per_prompt} random-class "
-                    "images; pass one generator, or one per image."
-                )
-            labels = self._random_class_labels(num_images_per_prompt, generator)
-        else:
-            labels = torch.tensor(self._class_ids(class_labels)).repeat_interleave(num_images_per_prompt)
+        labels = self._call_labels(class_labels, num_images_per_prompt, generator, allow_unconditional=False)
         count = labels.shape[0]
         if isinstance(generator, (list, tuple)):
             check_generator(generator, count)

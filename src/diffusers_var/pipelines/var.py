@@ -166,6 +166,38 @@ class VARPipeline(DiffusionPipeline):
             raise ValueError(f"Class id(s) {bad} out of range: this model has classes 0 to {num_classes - 1}.")
         return ids
 
+    def _call_labels(
+        self, class_labels, num_images_per_prompt: int, generator, allow_unconditional: bool
+    ) -> torch.LongTensor:
+        """The class of every image of a sampling call: ``class_labels`` each repeated ``num_images_per_prompt``
+        times, or (``None``) that many random classes drawn from ``generator``."""
+        check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        if class_labels is not None:
+            labels = torch.tensor(self._class_ids(class_labels, allow_unconditional=allow_unconditional))
+            return labels.repeat_interleave(num_images_per_prompt)
+        if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
+            raise ValueError(
+                f"Got {len(generator)} generators for num_images_per_prompt={num_images_per_prompt} random-class "
+                "images; pass one generator, or one per image."
+            )
+        return self._random_class_labels(num_images_per_prompt, generator)
+
+    def _labels_for_images(self, class_labels, count: int, one_image_many_labels: bool = False) -> torch.LongTensor:
+        """The class of each of ``count`` given images (editing, reconstruction): one label (``None``: unconditional)
+        for all, or one per image; with ``one_image_many_labels``, several labels for a single image."""
+        if isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0:
+            class_labels = class_labels.item()
+        single = class_labels is None or isinstance(class_labels, (int, str, np.integer))
+        if single and not isinstance(class_labels, bool):
+            class_labels = [class_labels] * count
+        labels = torch.tensor(self._class_ids(class_labels, allow_unconditional=True))
+        if labels.shape[0] != count and not (one_image_many_labels and count == 1):
+            several = ", or one image with several labels" if one_image_many_labels else ""
+            raise ValueError(
+                f"Got {labels.shape[0]} class labels for {count} images: pass one label, one per image{several}."
+            )
+        return labels
+
     def _random_class_labels(self, count: int, generator) -> torch.LongTensor:
         """Draw classes uniformly from the generator before any token, as the official sampler does."""
         num_classes = self.transformer.config.num_classes
@@ -372,17 +404,7 @@ class VARPipeline(DiffusionPipeline):
             guidance_scale, top_k, top_p, temperature, more_smooth, output_type, generator,
             callback_on_step_end, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
-        check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
-        if class_labels is None:
-            if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
-                raise ValueError(
-                    f"Got {len(generator)} generators for num_images_per_prompt={num_images_per_prompt} random-class "
-                    "images; pass one generator, or one per image."
-                )
-            labels = self._random_class_labels(num_images_per_prompt, generator)
-        else:
-            labels = torch.tensor(self._class_ids(class_labels, allow_unconditional=True))
-            labels = labels.repeat_interleave(num_images_per_prompt)
+        labels = self._call_labels(class_labels, num_images_per_prompt, generator, allow_unconditional=True)
         return self._sample(
             labels,
             guidance_scale=guidance_scale,
