@@ -321,3 +321,13 @@ def test_soft_selection_works_with_generators_on_the_sampling_device(search_pipe
     assert selector.device.type == "cpu"  # draws on the CPU, where the scores are, whatever the sampling device
     chosen = choose(torch.tensor([[0.0, 5.0, 0.0]]), 1e-3, [selector])
     assert chosen.tolist() == [1]
+
+
+def test_the_search_pipeline_loads_bundled_names_and_round_trips(tmp_path):
+    pipe = VARSearchPipeline.from_pretrained("var-digits")
+    assert isinstance(pipe, VARSearchPipeline) and pipe.get_label_ids("5") == [5]
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = VARSearchPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded([5], verifier=ClassifierVerifier("digits-classifier"), budget=2, output_type="np")
+    assert out.images.shape == (1, 32, 32, 3) and float(out.budget_used[0]) == 2.0
