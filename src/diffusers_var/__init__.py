@@ -2,7 +2,8 @@
 
 The public API: ``MultiScaleVQVAE`` (tokenizer), ``VARConfig``/``VARTransformer`` (next-scale predictor, also
 reachable through ``AutoConfig``/``AutoModel``), ``VARScaleScheduler`` (guidance and sampling), ``VARPipeline``,
-``VARInpaintPipeline`` (zero-shot editing) and ``VARSearchPipeline`` (inference-time search); ``bundled_model_path``
+``VARInpaintPipeline`` (zero-shot editing), ``VARSearchPipeline`` (inference-time search) and
+``VARRetrievalPipeline`` (retrieval-augmented sampling); ``bundled_model_path``
 finds the models shipped in the package (``VARPipeline.from_pretrained("var-digits")``).
 """
 
@@ -16,6 +17,7 @@ from .models.transformer import (
 )
 from .models.vqvae import MultiScaleVQVAE, MultiScaleVQVAEOutput
 from .pipelines.inpaint import VARInpaintPipeline
+from .pipelines.retrieval import VARRetrievalPipeline, VARRetrievalPipelineOutput
 from .pipelines.search import VARSearchPipeline, VARSearchPipelineOutput
 from .pipelines.var import VARPipeline, VARPipelineOutput
 from .pretrained import BUNDLED_MODELS, bundled_model_path
@@ -34,6 +36,8 @@ __all__ = [
     "NonFiniteError",
     "VARConfig",
     "VARInpaintPipeline",
+    "VARRetrievalPipeline",
+    "VARRetrievalPipelineOutput",
     "VARKVCache",
     "VARPipeline",
     "VARPipelineOutput",

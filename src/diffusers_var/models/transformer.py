@@ -157,6 +157,42 @@ class VARMLP(nn.Module):
         return self.dropout(self.fc2(F.gelu(self.fc1(hidden), approximate="tanh")))
 
 
+class VARNeighbourAttention(nn.Module):
+    """Attention from the sequence to the retrieved neighbours' token pyramids (a retrieval model's extra step).
+
+    Queries come from the block's hidden states, keys and values from the neighbours' encoded codes (computed once
+    per call, see :meth:`VARTransformer.neighbour_keys_values`). The output passes a learned per-channel ``gate``
+    that starts at zero, so a freshly added retrieval step changes nothing until it is trained; rows whose
+    neighbours are dropped (``row_mask`` False) get exactly nothing from it.
+    """
+
+    def __init__(self, config: VARConfig):
+        super().__init__()
+        channels = config.embed_dim
+        self.num_heads = config.num_heads
+        self.head_dim = channels // config.num_heads
+        self.norm = nn.LayerNorm(channels, eps=config.norm_eps, elementwise_affine=False)
+        self.query = nn.Linear(channels, channels)
+        self.key_value = nn.Linear(channels, 2 * channels)
+        self.out_proj = nn.Linear(channels, channels)
+        self.out_proj.init_role = "residual_out"
+        self.gate = nn.Parameter(torch.zeros(channels))
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoded neighbours (B, M, C) → this block's keys and values, each (B, H, M, d)."""
+        batch, length, _ = memory.shape
+        key, value = self.key_value(memory).view(batch, length, 2, self.num_heads, self.head_dim).unbind(2)
+        return key.transpose(1, 2), value.transpose(1, 2)
+
+    def forward(
+        self, hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_mask: torch.Tensor
+    ) -> torch.Tensor:
+        batch, length, channels = hidden.shape
+        query = self.query(self.norm(hidden)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, length, channels)
+        return self.out_proj(out) * self.gate * row_mask.to(hidden.dtype).view(-1, 1, 1)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a sample's whole residual branch in training, rescaling the survivors."""
 
@@ -185,6 +221,8 @@ class VARBlock(GradientCheckpointingLayer):
         self.attn = VARAttention(config, layer_idx)
         self.mlp = VARMLP(config)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if config.num_neighbours:
+            self.neighbour_attn = VARNeighbourAttention(config)
         if config.shared_adaln:
             self.scale_shift_table = nn.Parameter(torch.randn(1, 1, 6, channels) / channels**0.5)
         else:
@@ -198,7 +236,9 @@ class VARBlock(GradientCheckpointingLayer):
         attn_mask: torch.Tensor | None = None,
         kv_cache: VARKVCache | None = None,
         output_attentions: bool = False,
+        neighbours: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``neighbours``: this block's neighbour (keys, values) and the (B,) rows that use them, or ``None``."""
         if hasattr(self, "scale_shift_table"):
             modulation = self.scale_shift_table + modulation
         else:
@@ -207,6 +247,8 @@ class VARBlock(GradientCheckpointingLayer):
         normed = self.norm(hidden) * (1 + scale_attn) + shift_attn
         attended, weights = self.attn(normed, attn_mask, kv_cache, output_attentions)
         hidden = hidden + self.drop_path(attended * gate_attn)
+        if neighbours is not None:
+            hidden = hidden + self.drop_path(self.neighbour_attn(hidden, *neighbours))
         hidden = hidden + self.drop_path(self.mlp(self.norm(hidden) * (1 + scale_mlp) + shift_mlp) * gate_mlp)
         return hidden, weights
 
@@ -260,6 +302,8 @@ class VARPreTrainedModel(PreTrainedModel):
             init.zeros_(module.v_bias)
             if module.l2_norm:
                 init.constant_(module.logit_scale, math.log(4.0))
+        elif isinstance(module, VARNeighbourAttention):
+            init.zeros_(module.gate)  # a new retrieval step starts switched off: the model begins as the plain one
         elif isinstance(module, VARBlock) and hasattr(module, "scale_shift_table"):
             table = torch.randn_like(module.scale_shift_table) / module.scale_shift_table.shape[-1] ** 0.5
             gains = _adaln_gains(config, table.shape[-1]).view(1, 1, 6, -1)
@@ -317,6 +361,10 @@ class VARTransformer(VARPreTrainedModel):
         self.head_adaln.init_role = "head_adaln"
         self.head = nn.Linear(channels, config.vocab_size)
         self.head.init_role = "head"
+        if config.num_neighbours:
+            # the neighbours' codes, projected apart from the sequence's inputs (they are residual codes, not f̂)
+            self.neighbour_proj = nn.Linear(config.latent_channels, channels)
+            self.neighbour_norm = nn.LayerNorm(channels, eps=config.norm_eps, elementwise_affine=False)
         self.post_init()
 
     # -- geometry of the token pyramid; derived, never stored, so from_pretrained cannot leave it uninitialised ------
@@ -419,6 +467,56 @@ class VARTransformer(VARPreTrainedModel):
         self.class_embedding = nn.Embedding.from_pretrained(weight, freeze=False)
         self.config.num_classes = num_classes
 
+    # -- retrieval conditioning (num_neighbours > 0) ---------------------------------------------------------------
+
+    @property
+    def has_retrieval(self) -> bool:
+        """Whether the model was built with retrieval conditioning (``config.num_neighbours > 0``)."""
+        return bool(self.config.num_neighbours)
+
+    def drop_neighbours(self, neighbour_mask: torch.BoolTensor) -> torch.BoolTensor:
+        """Drop each row's neighbours with probability ``neighbour_dropout_prob`` (training only)."""
+        if not self.training or self.config.neighbour_dropout_prob <= 0:
+            return neighbour_mask
+        kept = torch.rand(neighbour_mask.shape, device=neighbour_mask.device) >= self.config.neighbour_dropout_prob
+        return neighbour_mask & kept
+
+    def neighbour_keys_values(
+        self, neighbour_codes: torch.Tensor, neighbour_mask: torch.BoolTensor | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.BoolTensor]]:
+        """Every block's neighbour (keys, values, row mask) for ``neighbour_codes`` (B, k, L, Cvae): the codebook
+        vectors of k retrieved images' tokens at every scale (:meth:`MultiScaleVQVAE.code_embeddings`), each
+        position given the same scale and position codes as the sequence, so a query meets the neighbours' codes
+        at its own place. ``neighbour_mask`` (B,) says which rows use them (default: all)."""
+        if not self.has_retrieval:
+            raise ValueError(
+                "This transformer has no retrieval conditioning (config.num_neighbours=0): sample with training-free "
+                "retrieval (retrieval_mode='training_free'), or train one with train_var.py --num_neighbours k."
+            )
+        batch = neighbour_codes.shape[0]
+        if (
+            neighbour_codes.ndim != 4
+            or neighbour_codes.shape[1] < 1
+            or tuple(neighbour_codes.shape[2:])
+            != (
+                self.num_tokens,
+                self.config.latent_channels,
+            )
+        ):
+            raise ValueError(
+                f"neighbour_codes must have shape (B, k, {self.num_tokens}, {self.config.latent_channels}) (k ≥ 1 "
+                f"neighbours, every position of patch_nums={self.patch_nums}, Cvae), got "
+                f"{tuple(neighbour_codes.shape)}."
+            )
+        if neighbour_mask is None:
+            neighbour_mask = torch.ones(batch, dtype=torch.bool, device=neighbour_codes.device)
+        elif tuple(neighbour_mask.shape) != (batch,) or neighbour_mask.dtype != torch.bool:
+            raise ValueError(f"neighbour_mask must be a ({batch},) bool tensor, got {tuple(neighbour_mask.shape)}.")
+        words = self.neighbour_proj(neighbour_codes.to(self.neighbour_proj.weight.dtype))
+        memory = self.neighbour_norm(words + self._position_codes(0, self.num_tokens, words.device).unsqueeze(1))
+        memory = memory.flatten(1, 2)  # (B, k·L, C): one set of keys over all neighbours and scales
+        return [(*block.neighbour_attn.keys_values(memory), neighbour_mask) for block in self.blocks]
+
     # -- embeddings, as transformers' tools expect them ------------------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -452,6 +550,8 @@ class VARTransformer(VARPreTrainedModel):
         output_attentions: bool | None = None,
         kv_cache: VARKVCache | None = None,
         scale_index: int | None = None,
+        neighbour_codes: torch.Tensor | None = None,
+        neighbour_mask: torch.BoolTensor | None = None,
     ) -> VARTransformerOutput | tuple:
         r"""Next-scale logits: teacher-forced for all L positions, or cached for one scale.
 
@@ -467,6 +567,13 @@ class VARTransformer(VARPreTrainedModel):
             kv_cache: a :class:`VARKVCache` (:meth:`allocate_kv_cache`) to sample one scale at a time, as
                 transformers models take a ``cache``; filled in place and returned as the output's ``cache``.
             scale_index: with ``kv_cache``, the scale to predict; scales run in order from 0.
+            neighbour_codes: a retrieval model only: (B, k, L, Cvae), the code embeddings of k retrieved images'
+                token pyramids (:meth:`MultiScaleVQVAE.code_embeddings`). ``None``: no retrieval, exactly the plain
+                model. In a cached call they are encoded once, at the first call that passes them, and kept in the
+                cache for the later scales. In training a row's neighbours are dropped with
+                ``neighbour_dropout_prob``.
+            neighbour_mask: (B,) bool, the rows that use their neighbours (default all), e.g. False for the rows
+                that guidance on retrieval contrasts against.
 
         Example:
             ```py
@@ -486,6 +593,11 @@ class VARTransformer(VARPreTrainedModel):
             condition = self.class_embedding(self.drop_class_labels(class_labels))
             hidden = self._teacher_forcing_tokens(condition, next_scale_inputs)
             mask = self.block_causal_mask(hidden.dtype, hidden.device)
+            neighbours = None
+            if neighbour_codes is not None:
+                if neighbour_mask is None:
+                    neighbour_mask = torch.ones(class_labels.shape[0], dtype=torch.bool, device=hidden.device)
+                neighbours = self.neighbour_keys_values(neighbour_codes, self.drop_neighbours(neighbour_mask))
         else:
             if labels is not None:
                 raise ValueError("labels (a training loss) need teacher forcing: call without kv_cache.")
@@ -493,11 +605,19 @@ class VARTransformer(VARPreTrainedModel):
             condition = self.class_embedding(class_labels)
             hidden = self._scale_tokens(condition, next_scale_inputs, kv_cache, scale_index)
             mask = None  # a scale sees all of itself and every cached coarser scale
+            if neighbour_codes is not None and kv_cache.neighbours is None:
+                per_block = self.neighbour_keys_values(neighbour_codes, neighbour_mask)
+                kv_cache.neighbours = [(key, value) for key, value, _ in per_block]
+                kv_cache.neighbour_mask = per_block[0][2]
+            neighbours = None
+            if kv_cache.neighbours is not None:
+                neighbours = [(*kv, kv_cache.neighbour_mask) for kv in kv_cache.neighbours]
         modulation = self._modulation(condition)
         all_hidden = (hidden,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for block in self.blocks:
-            hidden, weights = block(hidden, modulation, mask, kv_cache, output_attentions)
+        for i, block in enumerate(self.blocks):
+            block_neighbours = None if neighbours is None else neighbours[i]
+            hidden, weights = block(hidden, modulation, mask, kv_cache, output_attentions, block_neighbours)
             if output_hidden_states:
                 all_hidden += (hidden,)
             if output_attentions:

@@ -22,6 +22,12 @@ class VARConfig(PretrainedConfig):
         label_smoothing: label smoothing of the training loss.
         initializer_range: std of the truncated-normal init; ``None`` means sqrt(1 / (3·embed_dim)).
         init_adaln, init_adaln_gamma, init_head: scales of the AdaLN, AdaLN gates and head at init.
+        num_neighbours: retrieval conditioning (after Re-Imagen): 0 (default) is the plain VAR model; k > 0 adds, in
+            every block, attention from the sequence to the token pyramids of k retrieved real images (their code
+            embeddings at every scale, with the scale and position codes). Its output gates start at zero, so a new
+            retrieval model starts as the plain one, and without neighbours it *is* the plain one.
+        neighbour_dropout_prob: in training, the chance that a sample's neighbours are all dropped (the model then
+            learns the plain task too, which guidance on retrieval contrasts against).
 
     Example:
         ```py
@@ -60,12 +66,20 @@ class VARConfig(PretrainedConfig):
         init_adaln: float = 0.5,
         init_adaln_gamma: float = 1e-5,
         init_head: float = 0.02,
+        num_neighbours: int = 0,
+        neighbour_dropout_prob: float = 0.1,
         **kwargs,
     ):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}.")
         if len(patch_nums) < 2 or list(patch_nums) != sorted(set(patch_nums)):
             raise ValueError(f"patch_nums must be at least two strictly increasing sides, got {tuple(patch_nums)}.")
+        if isinstance(num_neighbours, bool) or not isinstance(num_neighbours, int) or num_neighbours < 0:
+            raise ValueError(
+                f"num_neighbours must be an integer ≥ 0 (0: no retrieval conditioning), got {num_neighbours!r}."
+            )
+        if not 0 <= neighbour_dropout_prob <= 1:
+            raise ValueError(f"neighbour_dropout_prob must lie in [0, 1], got {neighbour_dropout_prob!r}.")
         self.num_classes = num_classes
         self.vocab_size = vocab_size
         self.latent_channels = latent_channels
@@ -86,4 +100,6 @@ class VARConfig(PretrainedConfig):
         self.init_adaln = init_adaln
         self.init_adaln_gamma = init_adaln_gamma
         self.init_head = init_head
+        self.num_neighbours = num_neighbours
+        self.neighbour_dropout_prob = neighbour_dropout_prob
         super().__init__(**kwargs)

@@ -306,6 +306,14 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         self.check_token_maps(token_maps)
         return self.quantizer.next_scale_inputs(token_maps)
 
+    @keep_on_execution_device
+    def code_embeddings(self, token_maps: list[torch.LongTensor]) -> torch.Tensor:
+        """Token maps (each (..., pn, pn), one per scale) → their codebook vectors at every position, flattened
+        scale by scale: (..., L, z_channels). What a retrieval transformer attends to for its neighbours."""
+        self.check_token_maps([t.reshape(-1, *t.shape[-2:]) for t in token_maps])
+        codes = torch.cat([t.flatten(-2) for t in token_maps], dim=-1)
+        return self.quantizer.embedding(codes)
+
     # -- autoregressive sampling, one scale at a time ---------------------------------------------------------------
 
     @keep_on_execution_device

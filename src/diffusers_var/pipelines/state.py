@@ -27,6 +27,14 @@ class VARSamplingState:
             they follow the samples through :meth:`select`, so a kept sample goes on drawing from its own.
         forced_token_maps, forced_masks: for editing, per scale (B, pn, pn): tokens that replace the sampled ones
             where the mask is True (zero-shot in-painting keeps the input's tokens there). ``None``: sample all.
+        neighbour_token_maps: training-free retrieval: per scale (B, k, pn, pn), the retrieved images' codes, whose
+            distribution each scale's draw is mixed with (weights ``retrieval_weights``, one λ per scale, and
+            spatial ``retrieval_smoothing``). ``None``: no mixing.
+        neighbour_codes, neighbour_mask: trained retrieval: the code embeddings (rows of ``model_labels``, k, L,
+            Cvae) the transformer encodes at the first scale (then kept in the KV cache, and dropped here), and
+            which model rows use them.
+        retrieval_guided: the model rows end with a group that has the class but no neighbours, for guidance on
+            retrieval (Re-Imagen); the groups are [conditional; null class (if guided); no neighbours].
     """
 
     class_labels: torch.LongTensor
@@ -38,6 +46,12 @@ class VARSamplingState:
     generators: list[torch.Generator] | None = None
     forced_token_maps: list[torch.LongTensor] | None = None
     forced_masks: list[torch.BoolTensor] | None = None
+    neighbour_token_maps: list[torch.LongTensor] | None = None
+    retrieval_weights: list[float] | None = None
+    retrieval_smoothing: float = 0.0
+    neighbour_codes: torch.Tensor | None = None
+    neighbour_mask: torch.BoolTensor | None = None
+    retrieval_guided: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -49,9 +63,19 @@ class VARSamplingState:
         return len(self.token_maps)
 
     @property
+    def row_groups(self) -> int:
+        """How many transformer rows each sample has: 1, 2 with guidance, 3 with guidance on class and retrieval."""
+        return self.model_labels.shape[0] // max(self.batch_size, 1)
+
+    @property
     def guided(self) -> bool:
         """Whether the transformer runs an unconditional row beside each sample (needed for guidance)."""
-        return self.model_labels.shape[0] == 2 * self.batch_size
+        return self.row_groups >= 2
+
+    @property
+    def class_guided(self) -> bool:
+        """Whether there is a null-class row per sample (guidance on the class)."""
+        return self.row_groups - int(self.retrieval_guided) >= 2
 
     def select(self, rows: torch.LongTensor) -> VARSamplingState:
         """A new state holding the samples ``rows`` (indices into the batch), with their unconditional rows, cache,
@@ -63,7 +87,7 @@ class VARSamplingState:
         rows = torch.as_tensor(rows, dtype=torch.long)
         if rows.ndim != 1 or (rows.numel() and not 0 <= int(rows.min()) <= int(rows.max()) < self.batch_size):
             raise ValueError(f"rows must be a 1-D tensor of indices in [0, {self.batch_size}), got {rows.tolist()}.")
-        model_rows = torch.cat((rows, rows + self.batch_size)) if self.guided else rows
+        model_rows = torch.cat([rows + group * self.batch_size for group in range(self.row_groups)])
         return VARSamplingState(
             class_labels=self.class_labels[rows.to(self.class_labels.device)],
             model_labels=self.model_labels[model_rows.to(self.model_labels.device)],
@@ -76,6 +100,12 @@ class VARSamplingState:
             generators=None if self.generators is None else [self.generators[r] for r in rows.tolist()],
             forced_token_maps=_rows(self.forced_token_maps, rows),
             forced_masks=_rows(self.forced_masks, rows),
+            neighbour_token_maps=_rows(self.neighbour_token_maps, rows),
+            retrieval_weights=self.retrieval_weights,
+            retrieval_smoothing=self.retrieval_smoothing,
+            neighbour_codes=None if self.neighbour_codes is None else self.neighbour_codes[model_rows],
+            neighbour_mask=None if self.neighbour_mask is None else self.neighbour_mask[model_rows],
+            retrieval_guided=self.retrieval_guided,
         )
 
     def clone(self) -> VARSamplingState:
@@ -91,6 +121,12 @@ class VARSamplingState:
             generators=None if self.generators is None else list(self.generators),
             forced_token_maps=_rows(self.forced_token_maps, None),
             forced_masks=_rows(self.forced_masks, None),
+            neighbour_token_maps=_rows(self.neighbour_token_maps, None),
+            retrieval_weights=self.retrieval_weights,
+            retrieval_smoothing=self.retrieval_smoothing,
+            neighbour_codes=None if self.neighbour_codes is None else self.neighbour_codes.clone(),
+            neighbour_mask=None if self.neighbour_mask is None else self.neighbour_mask.clone(),
+            retrieval_guided=self.retrieval_guided,
         )
 
 

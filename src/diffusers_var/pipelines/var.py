@@ -19,6 +19,8 @@ from ..models.transformer import VARTransformer
 from ..models.vqvae import MultiScaleVQVAE
 from ..pretrained import BUNDLED_MODELS, bundled_model_path
 from ..remote_code import package_only, remote_code_layout, write_remote_code
+from ..retrieval.conditioning import RetrievalConditioning
+from ..retrieval.mixing import retrieved_token_distribution
 from ..saving import install_pipeline_save, save_folder
 from ..schedulers.scale import VARScaleScheduler
 from ..validation import NonFiniteError, check_generator, check_integer, class_label_entries
@@ -231,6 +233,7 @@ class VARPipeline(DiffusionPipeline):
         device: torch.device | None = None,
         forced_token_maps: list[torch.LongTensor] | None = None,
         forced_masks: list[torch.BoolTensor] | None = None,
+        retrieval: RetrievalConditioning | None = None,
     ) -> VARSamplingState:
         """A state before the first scale for samples of ``class_labels`` (with null-class rows if ``guided``).
 
@@ -238,6 +241,7 @@ class VARPipeline(DiffusionPipeline):
         unconditional sample); an id out of range would otherwise be a device-side assert on CUDA.
         ``forced_token_maps`` and ``forced_masks`` (both or neither; one (B, pn, pn) map per scale) make
         :meth:`sample_next_scale` keep the given tokens where the mask is True: zero-shot editing.
+        ``retrieval`` conditions every scale on retrieved images (:class:`RetrievalConditioning`).
         """
         device = device or self._execution_device
         if not isinstance(class_labels, torch.Tensor) or class_labels.ndim != 1 or class_labels.is_floating_point():
@@ -250,13 +254,18 @@ class VARPipeline(DiffusionPipeline):
             )
         class_labels = class_labels.to(device)
         null = torch.full_like(class_labels, self.transformer.config.num_classes)
-        model_labels = torch.cat((class_labels, null)) if guided else class_labels
+        # row groups: [conditional; null class (guidance on the class); no neighbours (guidance on retrieval)]
+        retrieval_guided = retrieval is not None and retrieval.mode == "trained" and retrieval.guidance_scale != 1.0
+        groups = [class_labels] + ([null] if guided else []) + ([class_labels] if retrieval_guided else [])
+        model_labels = torch.cat(groups)
         side = self.vqvae.config.patch_nums[-1]
         latents = torch.zeros(
             class_labels.shape[0], self.vqvae.config.z_channels, side, side, dtype=self.vqvae.dtype, device=device
         )
         kv_cache = self.transformer.allocate_kv_cache(model_labels.shape[0], device=device)
         state = VARSamplingState(class_labels, model_labels, kv_cache, latents)
+        if retrieval is not None:
+            retrieval.apply(self, state, guided)
         if (forced_token_maps is None) != (forced_masks is None):
             raise ValueError("forced_token_maps and forced_masks go together: pass both or neither.")
         if forced_token_maps is not None:
@@ -283,20 +292,25 @@ class VARPipeline(DiffusionPipeline):
         temperature: float = 1.0,
         more_smooth: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        retrieval_guidance_scale: float = 1.0,
     ) -> VARSamplingState:
         """Sample the state's next scale in place: the transformer's logits against the cache, the scheduler's draw,
-        and the tokenizer adding the new tokens to the latents. Returns the state."""
+        and the tokenizer adding the new tokens to the latents. Returns the state.
+
+        With retrieval (see :class:`RetrievalConditioning`), the transformer sees the neighbours (trained mode) or
+        the draw is mixed with their codes (training-free mode); ``retrieval_guidance_scale`` guides on retrieval
+        in the trained mode when the state has rows without neighbours."""
         si = state.scale_index
         if si >= self.scheduler.num_scales:
             raise ValueError(f"The state has all {si} scales already.")
-        if guidance_scale != 1.0 and not state.guided:
+        if guidance_scale != 1.0 and not state.class_guided:
             raise ValueError(
                 "guidance_scale must stay 1.0 in a call that started without guidance (there are no unconditional "
                 "rows to guide with); start it with guidance_scale != 1 to change guidance along the way."
             )
         scale_input = None if si == 0 else self.vqvae.scale_input(state.latents, si)
         if scale_input is not None and state.guided:
-            scale_input = torch.cat((scale_input, scale_input))
+            scale_input = torch.cat([scale_input] * state.row_groups)
         logits = self.transformer(  # explicit flags: a config asking for tuples or attention maps must not apply here
             state.model_labels,
             scale_input,
@@ -305,11 +319,28 @@ class VARPipeline(DiffusionPipeline):
             return_dict=True,
             output_attentions=False,
             output_hidden_states=False,
+            neighbour_codes=state.neighbour_codes,
+            neighbour_mask=state.neighbour_mask,
         ).logits
-        if state.guided and guidance_scale == 1.0:
-            logits = logits[: state.batch_size]  # guidance switched off mid-call: the conditional rows alone
+        state.neighbour_codes = None  # encoded into the cache at the first scale
+        logits, guidance_scale = self._guided_logits(state, logits, si, guidance_scale, retrieval_guidance_scale)
+        retrieval_probs, retrieval_weight = None, 0.0
+        if state.neighbour_token_maps is not None and state.retrieval_weights[si] > 0:
+            retrieval_weight = state.retrieval_weights[si]
+            retrieval_probs = retrieved_token_distribution(
+                state.neighbour_token_maps[si], self.transformer.config.vocab_size, state.retrieval_smoothing
+            )
         step = self.scheduler.step(
-            logits, si, guidance_scale, top_k, top_p, temperature, more_smooth, generator=generator
+            logits,
+            si,
+            guidance_scale,
+            top_k,
+            top_p,
+            temperature,
+            more_smooth,
+            generator=generator,
+            retrieval_probs=retrieval_probs,
+            retrieval_weight=retrieval_weight,
         )
         del logits  # keep the peak down: nothing of this scale's logits outlives its step
         token_map, code_weights = step.token_map, step.code_weights
@@ -325,6 +356,32 @@ class VARPipeline(DiffusionPipeline):
         state.token_maps.append(token_map)
         state.latents = self.vqvae.accumulate_scale(state.latents, si, token_map, code_weights)
         return state
+
+    def _guided_logits(
+        self,
+        state: VARSamplingState,
+        logits: torch.Tensor,
+        scale_index: int,
+        guidance_scale: float,
+        retrieval_guidance_scale: float,
+    ) -> tuple[torch.Tensor, float]:
+        """The logits and guidance the scheduler's step takes. Plain guidance is left to the scheduler (the official
+        arithmetic, bit for bit); with rows without neighbours, the two guidances are combined here (Re-Imagen):
+        ``c + t_class·(c − u_class) + t_retrieval·(c − u_retrieval)``, each t on the scheduler's ramp."""
+        batch = state.batch_size
+        if not state.retrieval_guided:
+            if state.guided and guidance_scale == 1.0:
+                return logits[:batch], 1.0  # guidance switched off mid-call: the conditional rows alone
+            return logits, guidance_scale
+        groups = logits.chunk(state.row_groups)
+        conditional = guided = groups[0]
+        if state.class_guided and guidance_scale != 1.0:
+            t = self.scheduler.guidance_weight(scale_index, guidance_scale)
+            guided = guided + t * (conditional - groups[1])
+        if retrieval_guidance_scale != 1.0:
+            t = self.scheduler.guidance_weight(scale_index, retrieval_guidance_scale)
+            guided = guided + t * (conditional - groups[-1])
+        return guided, 1.0
 
     @torch.no_grad()
     def decode_state(self, state: VARSamplingState, output_type: str = "pil"):
@@ -456,9 +513,10 @@ class VARPipeline(DiffusionPipeline):
         output_scales: bool,
         forced_token_maps: list[torch.LongTensor] | None = None,
         forced_masks: list[torch.BoolTensor] | None = None,
+        retrieval: RetrievalConditioning | None = None,
     ) -> VARPipelineOutput | tuple:
         """The sampling loop every pipeline of this package runs: samples of ``labels`` (class ids, one per
-        image), scale by scale, with the callbacks, previews and forced tokens (editing) as options."""
+        image), scale by scale, with the callbacks, previews, forced tokens (editing) and retrieval as options."""
         tensor_inputs = self._check_call_arguments(
             guidance_scale, top_k, top_p, temperature, more_smooth, output_type, generator,
             callback_on_step_end, callback_on_step_end_tensor_inputs,
@@ -470,8 +528,13 @@ class VARPipeline(DiffusionPipeline):
         self._num_timesteps = self.scheduler.num_scales
         self.scheduler.set_timesteps(device=self._execution_device)
         state = self.prepare_sampling_state(
-            labels, guided=guidance_scale != 1.0, forced_token_maps=forced_token_maps, forced_masks=forced_masks
+            labels,
+            guided=guidance_scale != 1.0,
+            forced_token_maps=forced_token_maps,
+            forced_masks=forced_masks,
+            retrieval=retrieval,
         )
+        retrieval_guidance_scale = 1.0 if retrieval is None else retrieval.guidance_scale
         if isinstance(generator, (list, tuple)):
             state.generators = list(generator)
         scale_images = [] if output_scales else None
@@ -480,7 +543,16 @@ class VARPipeline(DiffusionPipeline):
                 break
             self.scheduler.check_sampling_args(self._guidance_scale, top_k, top_p, temperature, more_smooth)
             generators = generator if state.generators is None else state.generators
-            self.sample_next_scale(state, self._guidance_scale, top_k, top_p, temperature, more_smooth, generators)
+            self.sample_next_scale(
+                state,
+                self._guidance_scale,
+                top_k,
+                top_p,
+                temperature,
+                more_smooth,
+                generators,
+                retrieval_guidance_scale,
+            )
             if callback_on_step_end is not None:
                 available = {"latents": state.latents, "token_maps": state.token_maps}
                 returned = callback_on_step_end(self, si, si, {name: available[name] for name in tensor_inputs})

@@ -199,6 +199,8 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
         more_smooth: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
+        retrieval_probs: torch.Tensor | None = None,
+        retrieval_weight: float = 0.0,
     ) -> VARSchedulerOutput | tuple:
         r"""Sample one scale's token map.
 
@@ -208,6 +210,10 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
             guidance_scale, top_k, top_p, temperature: see the class docstring; ``top_k=0``/``top_p=1`` disable.
             more_smooth: also return Gumbel-softmax code weights (for visualisation; not for FID).
             generator: a ``torch.Generator``, or one per image.
+            retrieval_probs, retrieval_weight: training-free retrieval: the draw is from ``(1 − λ)·p + λ·r`` with
+                ``p`` the filtered model distribution, ``r = retrieval_probs`` (B, pn², V) and ``λ =
+                retrieval_weight``; the returned ``logits`` are then the log of that mixture. λ = 0 is the plain
+                step, draw for draw.
         """
         self.check_sampling_args(guidance_scale, top_k, top_p, temperature, more_smooth)
         side = self.config.patch_nums[scale_index]
@@ -226,7 +232,14 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
             logits.div_(temperature)
         batch, _, vocab = logits.shape
         top_k_top_p_filter_(logits, top_k=top_k, top_p=top_p)
-        tokens = sample_categorical(logits.softmax(dim=-1).view(-1, vocab), generator)
+        probs = logits.softmax(dim=-1)
+        if retrieval_weight:
+            if retrieval_probs is None or retrieval_probs.shape != probs.shape:
+                got = None if retrieval_probs is None else tuple(retrieval_probs.shape)
+                raise ValueError(f"retrieval_probs must have shape {tuple(probs.shape)} (B, pn², V), got {got}.")
+            probs = probs.mul_(1 - retrieval_weight).add_(retrieval_probs.to(probs), alpha=retrieval_weight)
+            logits = probs.log()
+        tokens = sample_categorical(probs.view(-1, vocab), generator)
         token_map = tokens.view(batch, side, side)
 
         code_weights = None
