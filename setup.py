@@ -35,8 +35,12 @@ setup(
     ],
     extras_require={
         # peft: LoRA through transformers' integration (transformers 5.23 needs peft >= 0.20, 5.24 needs >= 0.22)
-        "train": ["datasets>=3", "tensorboard", "peft>=0.20"],
-        "test": ["pytest>=8", "ruff", "datasets>=3", "tensorboard", "scikit-learn>=1.3", "peft>=0.20"],
+        "train": ["datasets>=3", "tensorboard", "peft>=0.20", "faiss-cpu>=1.8"],
+        "test": [
+            "pytest>=8", "ruff", "datasets>=3", "tensorboard", "scikit-learn>=1.3", "peft>=0.20", "faiss-cpu>=1.8"
+        ],
+        # diffusers-var index and the retrieval datastore: the images as a datasets dataset, an exact FAISS index
+        "retrieval": ["datasets>=3", "faiss-cpu>=1.8"],
         # examples/digits: the data (sklearn's bundled digits) and the evaluation's classifier and feature MLP
         "digits": ["scikit-learn>=1.3"],
     },
