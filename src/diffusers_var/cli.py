@@ -1,4 +1,4 @@
-"""The ``diffusers-var`` command: ``diffusers-var convert|generate|evaluate|search ...``.
+"""The ``diffusers-var`` command: ``diffusers-var convert|generate|evaluate|search|index ...``.
 
 Every error a user can cause (bad input, missing or damaged files, no GPU) ends the command with one line on
 stderr and a non-zero exit status, never a traceback. ``DIFFUSERS_VAR_TRACEBACK=1`` shows the traceback of an
@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 
 from . import convert, evaluate, generate
+from .retrieval import command as index
 from .search import command as search
 
 # errors that describe the user's input or environment (a RuntimeError: out of memory, a CUDA failure); anything
@@ -62,6 +63,7 @@ def _commands() -> dict[str, tuple[object, Callable[[argparse.Namespace], object
             "FID, Inception Score, KID and precision/recall of samples against a reference",
         ),
         "search": (search, search.search, "sample with inference-time search and a verifier, under a budget"),
+        "index": (index, index.run, "a retrieval datastore of real images: embeddings, a FAISS index, token maps"),
     }
 
 
