@@ -4,6 +4,7 @@ examples of a label, the token-map cache, and the errors."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -87,6 +88,10 @@ def test_build_and_load_round_trip(built):
     assert metadata["feature_model"]["spec"] == "digits-classifier" and metadata["embedding_dim"] == 64
     assert len(metadata["feature_model"]["weights_sha256"]) == 64 and metadata["tokenizers"] == {}
     assert not (store.path.parent / "store.partial").exists()
+    copy = pickle.loads(pickle.dumps(store))  # as a DataLoader worker started by spawn gets it
+    assert copy.labels == store.labels and np.array_equal(
+        copy.nearest(embeddings[:2], 3)[0], store.nearest(embeddings[:2], 3)[0]
+    )
     assert not [p for p in store.path.parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 
@@ -254,6 +259,7 @@ def test_token_cache_equals_tokenize_and_is_added_without_embedding_again(built,
     assert [m.dtype for m in maps] == [torch.long] * 3 and all(torch.equal(m, e) for m, e in zip(maps, expected))
     rows = np.array([30, 2, 2])
     assert all(torch.equal(m, e[rows]) for m, e in zip(store.token_maps(vqvae, rows), expected))
+    assert all(torch.equal(m, e[rows]) for m, e in zip(store.token_maps(vqvae, torch.from_numpy(rows)), expected))
     fingerprint = tokenizer_fingerprint(vqvae)
     assert (path / "tokens" / f"{fingerprint}.safetensors").is_file() and len(fingerprint) == 16
 
@@ -321,6 +327,7 @@ def test_bad_inputs_name_the_value(tmp_path):
         (str(images), foreign, rf"--output {foreign} already holds files that are not a datastore"),
         (str(images), tmp_path / "o5", r"o5.partial exists and was not made by diffusers-var index; move it away"),
         (str(broken), tmp_path / "o6", "cat/zz.png: cannot read this image .*; remove or replace it"),
+        ("no-such-dataset-here", tmp_path / "o7", "'no-such-dataset-here' is neither an existing folder nor a dataset"),
     ]
     for source, output, message in cases:
         with pytest.raises(ValueError, match=message):

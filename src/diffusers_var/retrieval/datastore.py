@@ -439,6 +439,10 @@ class RetrievalDatastore:
         _check_index(dataset.get_index(_INDEX_NAME).faiss_index, metadata, path / INDEX_FILE, rebuild)
         return cls(path, dataset, metadata)
 
+    def __reduce__(self):
+        # the FAISS index cannot be pickled: a copy (a DataLoader worker's under spawn) loads the folder again
+        return (type(self).load, (self.path,))
+
     def __len__(self) -> int:
         return len(self.dataset)
 
@@ -659,6 +663,7 @@ class RetrievalDatastore:
         maps = self._tokens[fingerprint]
         if rows is None:
             return [m.long() for m in maps]
+        rows = rows.cpu() if isinstance(rows, torch.Tensor) else rows
         index = torch.as_tensor(np.asarray(rows, dtype=np.int64).reshape(-1))
         if len(index) and (index.min() < 0 or index.max() >= len(self)):
             raise ValueError(f"rows must be in [0, {len(self)}), got {index.min().item()}..{index.max().item()}.")
@@ -688,13 +693,19 @@ class RetrievalDatastore:
         # int16 holds any codebook up to 32767 entries at half the memory of int32
         storage = torch.int16 if vqvae.config.vocab_size <= torch.iinfo(torch.int16).max else torch.int32
         per_scale: list[list[torch.Tensor]] = [[] for _ in vqvae.config.patch_nums]
-        with tqdm(total=len(self), desc="Tokenizing", unit="img", disable=not progress) as bar:
-            for start in range(0, len(self), batch_size):
-                images = self.dataset[start : start + batch_size]["image"]
-                pixels = torch.stack([preprocess_image(image, size, center_crop=True) for image in images])
-                for scale, tokens in enumerate(vqvae.tokenize(pixels.to(device, dtype))):
-                    per_scale[scale].append(tokens.to("cpu", storage))
-                bar.update(len(images))
+        images_only = self.dataset.select_columns(["image"])
+        was_training = vqvae.training
+        vqvae.eval()  # the cache must hold what inference tokenizes; the caller's mode is restored after
+        try:
+            with tqdm(total=len(self), desc="Tokenizing", unit="img", disable=not progress) as bar:
+                for start in range(0, len(self), batch_size):
+                    images = images_only[start : start + batch_size]["image"]
+                    pixels = torch.stack([preprocess_image(image, size, center_crop=True) for image in images])
+                    for scale, tokens in enumerate(vqvae.tokenize(pixels.to(device, dtype))):
+                        per_scale[scale].append(tokens.to("cpu", storage))
+                    bar.update(len(images))
+        finally:
+            vqvae.train(was_training)
         tensors = {f"scale_{i}": torch.cat(maps).contiguous() for i, maps in enumerate(per_scale)}
         folder = self.path / TOKENS_FOLDER
         folder.mkdir(exist_ok=True)
@@ -835,7 +846,7 @@ def _datasets_progress(enabled: bool) -> Iterator[None]:
             datasets_logging.enable_progress_bar()
 
 
-def _finalise(output: Path, partial: Path, spec: dict, chunks: list[Path], progress: bool) -> None:
+def _finalise(output: Path, spec: dict, chunks: list[Path], progress: bool) -> None:
     """The chunks → dataset, index and datastore.json in a staging folder, renamed to ``output`` in one step."""
     from datasets import concatenate_datasets, load_from_disk
 
@@ -976,7 +987,7 @@ def build_datastore(
                 shutil.rmtree(chunks[i], ignore_errors=True)  # an unfinished or stale chunk of ours
                 _write_chunk(chunks[i], source, *bounds[i], model, batch_size)
                 bar.update(bounds[i][1] - bounds[i][0])
-        _finalise(output, partial, spec, chunks, progress)
+        _finalise(output, spec, chunks, progress)
     shutil.rmtree(partial)
     store = RetrievalDatastore.load(output)
     if tokenizer is not None:
