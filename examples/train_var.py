@@ -14,6 +14,12 @@ Fine-tune only LoRA adapters (transformers' PEFT integration) on the attention a
 
     accelerate launch examples/train_var.py --pretrained_model_name_or_path var-digits --lora_rank 4 ...
 
+Train with retrieval conditioning (Re-Imagen): every sample attends to k other real images of its label, drawn from a
+datastore built with `diffusers-var index --images <the training images> --tokenizer <the tokenizer>`:
+
+    accelerate launch examples/train_var.py --model_config var_config.json --vqvae_name_or_path tokenizer/ \
+        --train_data_dir data/ --retrieval_datastore datastore/ --num_neighbours 4 --neighbour_dropout_prob 0.1 ...
+
 The tokenizer stays frozen; training is teacher forcing over all scales (label-smoothed cross-entropy, class dropout
 for guidance). The result is a VARPipeline folder in --output_dir with a model card (with LoRA: the adapter, as
 adapter_model.safetensors and adapter_config.json naming the base model, which `pipe.load_lora_weights` loads).
@@ -53,6 +59,7 @@ from diffusers_var.training.loop import (
 )
 from diffusers_var.training.objective import teacher_forcing_batch, var_loss
 from diffusers_var.training.optim import make_optimizer, scaled_learning_rate
+from diffusers_var.training.retrieval import neighbour_codes
 from diffusers_var.training.validation import log_validation_grid
 
 logger = get_logger(__name__)
@@ -70,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--class_dropout_prob", type=float, default=0.1, help="label → null class, for guidance")
     model.add_argument("--label_smoothing", type=float, default=0.0)
     model.add_argument("--gradient_checkpointing", action="store_true")
+    retrieval = parser.add_argument_group("retrieval conditioning (after Re-Imagen)")
+    retrieval.add_argument("--retrieval_datastore", help="a datastore (diffusers-var index) of the training images")
+    retrieval.add_argument("--num_neighbours", type=int, help="k neighbours per sample (default: the model's, or 4)")
+    retrieval.add_argument(
+        "--neighbour_dropout_prob", type=float, default=0.1, help="drop a sample's neighbours (guidance on retrieval)"
+    )
     lora = parser.add_argument_group("LoRA (train adapters only; needs peft)")
     lora.add_argument("--lora_rank", type=int, default=0, help="adapter rank; 0 trains the whole transformer")
     lora.add_argument("--lora_alpha", type=float, default=None, help="adapter scale numerator (default: the rank)")
@@ -96,6 +109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("LoRA adapts a pretrained model: use --pretrained_model_name_or_path, not --model_config")
     if args.lora_rank and args.num_classes is not None:
         parser.error("--num_classes with --lora_rank would leave the new class rows untrained; fine-tune fully")
+    if args.num_neighbours is not None and not args.retrieval_datastore:
+        parser.error("--num_neighbours needs --retrieval_datastore (where the neighbours come from)")
+    if args.num_neighbours is not None and args.num_neighbours < 1:
+        parser.error(f"--num_neighbours must be ≥ 1, got {args.num_neighbours}")
+    if not 0 <= args.neighbour_dropout_prob <= 1:
+        parser.error(f"--neighbour_dropout_prob must lie in [0, 1], got {args.neighbour_dropout_prob}")
+    if args.retrieval_datastore and args.lora_rank:
+        parser.error("--retrieval_datastore trains new retrieval layers: fine-tune fully, without --lora_rank")
     return args
 
 
@@ -120,6 +141,15 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(f"Resizing the class embedding: {transformer.config.num_classes} → {args.num_classes} classes")
         transformer.resize_class_embedding(args.num_classes)
         id2label = None
+    datastore = None
+    if args.retrieval_datastore:
+        from diffusers_var.retrieval.datastore import RetrievalDatastore
+        from diffusers_var.training.retrieval import add_retrieval_layers
+
+        datastore = RetrievalDatastore.load(args.retrieval_datastore)
+        num_neighbours = args.num_neighbours or transformer.config.num_neighbours or 4
+        transformer = add_retrieval_layers(transformer, num_neighbours)
+        transformer.config.neighbour_dropout_prob = args.neighbour_dropout_prob
     transformer.config.class_dropout_prob = args.class_dropout_prob
     transformer.config.label_smoothing = args.label_smoothing
     trainable_parameters = None
@@ -161,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     train_set = ImageClassDataset(
         dataset, args.image_column, args.label_column, resolution, args.center_crop, args.random_flip, args.seed
     )
+    if datastore is not None:
+        from diffusers_var.training.retrieval import NeighbourDataset, check_retrieval_training
+
+        check_retrieval_training(datastore, vqvae, class_names, transformer.config.num_neighbours)
+        train_set = NeighbourDataset(train_set, datastore, class_names, transformer.config.num_neighbours)
+        logger.info(f"Retrieval: {transformer.config.num_neighbours} neighbours per sample from {datastore.path}")
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=args.train_batch_size,
@@ -187,8 +223,11 @@ def main(argv: list[str] | None = None) -> None:
     for batch in training_batches(accelerator, loader, train_set, plan, resume, global_step):
         with accelerator.accumulate(transformer):
             inputs, targets = teacher_forcing_batch(vqvae, batch["pixel_values"])
+            codes = None
+            if datastore is not None:
+                codes = neighbour_codes(datastore, vqvae, batch["neighbour_rows"])
             with accelerator.autocast():
-                loss, metrics = var_loss(transformer, batch["class_labels"], inputs, targets)
+                loss, metrics = var_loss(transformer, batch["class_labels"], inputs, targets, codes)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
@@ -240,6 +279,11 @@ def main(argv: list[str] | None = None) -> None:
             "learning_rate": learning_rate,
             "resolution": resolution,
         }
+        if datastore is not None:
+            card["retrieval"] = (
+                f"attends to {final.config.num_neighbours} retrieved neighbours, trained with the datastore "
+                f"`{args.retrieval_datastore}` (`VARRetrievalPipeline`, `diffusers-var generate --datastore`)"
+            )
         save_pretrained_into(pipe, output_dir, make_model_card(pipe, "var-trained", card))
         if args.push_to_hub:
             pipe.push_to_hub(

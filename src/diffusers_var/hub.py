@@ -126,6 +126,12 @@ def make_model_card(
         "image_size": pipeline.vqvae.image_size,
         "num_parameters": sum(p.numel() for p in pipeline.transformer.parameters()),
         "repo_id": "path/to/this-model",
+        "retrieval": (
+            f"attends to {transformer.num_neighbours} retrieved neighbours (`VARRetrievalPipeline`, "
+            "`diffusers-var generate --datastore`)"
+            if getattr(transformer, "num_neighbours", 0)
+            else "none"
+        ),
     }
     fields.update(card_data or {})
     metadata = ModelCardData(

@@ -13,8 +13,8 @@ class VARKVCache:
     Each scale writes its pn² new keys and values in place; attention then reads the filled prefix. Nothing is
     concatenated or reallocated while sampling.
 
-    A retrieval model (``num_neighbours > 0``) also keeps, per block, the keys and values of the retrieved
-    neighbours (``neighbours``): computed once at the first scale, read by every later one.
+    A retrieval model (``num_neighbours > 0``) also keeps the keys and values of the retrieved neighbours
+    (``neighbours``, read by every block): computed once at the first scale, read by every later one.
     """
 
     def __init__(
@@ -30,8 +30,8 @@ class VARKVCache:
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.depth)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.depth)]
         self.length = 0
-        # per block (keys, values) of the neighbours, and the (B,) rows that use them; None: no retrieval
-        self.neighbours: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # (keys, values) of the neighbours, and the (B,) rows that use them; None: no retrieval
+        self.neighbours: list[torch.Tensor] | None = None
         self.neighbour_mask: torch.Tensor | None = None
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +51,7 @@ class VARKVCache:
         copy.keys = [k.clone() for k in self.keys]
         copy.values = [v.clone() for v in self.values]
         copy.length = self.length
-        copy.neighbours = None if self.neighbours is None else [(k.clone(), v.clone()) for k, v in self.neighbours]
+        copy.neighbours = None if self.neighbours is None else [t.clone() for t in self.neighbours]
         copy.neighbour_mask = None if self.neighbour_mask is None else self.neighbour_mask.clone()
         return copy
 
@@ -61,10 +61,6 @@ class VARKVCache:
         copy.keys = [k.index_select(0, index) for k in self.keys]
         copy.values = [v.index_select(0, index) for v in self.values]
         copy.length = self.length
-        copy.neighbours = (
-            None
-            if self.neighbours is None
-            else [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.neighbours]
-        )
+        copy.neighbours = None if self.neighbours is None else [t.index_select(0, index) for t in self.neighbours]
         copy.neighbour_mask = None if self.neighbour_mask is None else self.neighbour_mask.index_select(0, index)
         return copy

@@ -160,10 +160,11 @@ class VARMLP(nn.Module):
 class VARNeighbourAttention(nn.Module):
     """Attention from the sequence to the retrieved neighbours' token pyramids (a retrieval model's extra step).
 
-    Queries come from the block's hidden states, keys and values from the neighbours' encoded codes (computed once
-    per call, see :meth:`VARTransformer.neighbour_keys_values`). The output passes a learned per-channel ``gate``
-    that starts at zero, so a freshly added retrieval step changes nothing until it is trained; rows whose
-    neighbours are dropped (``row_mask`` False) get exactly nothing from it.
+    Queries come from the block's hidden states; keys and values are the neighbours' encoded codes, projected once
+    per call for all blocks (:meth:`VARTransformer.neighbour_keys_values`: k neighbours × L positions are several
+    times the sequence, so per-block projections would cost more than the blocks themselves). The output passes a
+    learned per-channel ``gate`` that starts at zero, so a freshly added retrieval step changes nothing until it is
+    trained; rows whose neighbours are dropped (``row_mask`` False) get exactly nothing from it.
     """
 
     def __init__(self, config: VARConfig):
@@ -173,16 +174,9 @@ class VARNeighbourAttention(nn.Module):
         self.head_dim = channels // config.num_heads
         self.norm = nn.LayerNorm(channels, eps=config.norm_eps, elementwise_affine=False)
         self.query = nn.Linear(channels, channels)
-        self.key_value = nn.Linear(channels, 2 * channels)
         self.out_proj = nn.Linear(channels, channels)
         self.out_proj.init_role = "residual_out"
         self.gate = nn.Parameter(torch.zeros(channels))
-
-    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoded neighbours (B, M, C) → this block's keys and values, each (B, H, M, d)."""
-        batch, length, _ = memory.shape
-        key, value = self.key_value(memory).view(batch, length, 2, self.num_heads, self.head_dim).unbind(2)
-        return key.transpose(1, 2), value.transpose(1, 2)
 
     def forward(
         self, hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_mask: torch.Tensor
@@ -238,7 +232,7 @@ class VARBlock(GradientCheckpointingLayer):
         output_attentions: bool = False,
         neighbours: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``neighbours``: this block's neighbour (keys, values) and the (B,) rows that use them, or ``None``."""
+        """``neighbours``: the neighbours' (keys, values) and the (B,) rows that use them, or ``None``."""
         if hasattr(self, "scale_shift_table"):
             modulation = self.scale_shift_table + modulation
         else:
@@ -365,6 +359,7 @@ class VARTransformer(VARPreTrainedModel):
             # the neighbours' codes, projected apart from the sequence's inputs (they are residual codes, not f̂)
             self.neighbour_proj = nn.Linear(config.latent_channels, channels)
             self.neighbour_norm = nn.LayerNorm(channels, eps=config.norm_eps, elementwise_affine=False)
+            self.neighbour_key_value = nn.Linear(channels, 2 * channels)
         self.post_init()
 
     # -- geometry of the token pyramid; derived, never stored, so from_pretrained cannot leave it uninitialised ------
@@ -483,11 +478,12 @@ class VARTransformer(VARPreTrainedModel):
 
     def neighbour_keys_values(
         self, neighbour_codes: torch.Tensor, neighbour_mask: torch.BoolTensor | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.BoolTensor]]:
-        """Every block's neighbour (keys, values, row mask) for ``neighbour_codes`` (B, k, L, Cvae): the codebook
-        vectors of k retrieved images' tokens at every scale (:meth:`MultiScaleVQVAE.code_embeddings`), each
-        position given the same scale and position codes as the sequence, so a query meets the neighbours' codes
-        at its own place. ``neighbour_mask`` (B,) says which rows use them (default: all)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.BoolTensor]:
+        """The neighbours' (keys, values), each (B, H, k·L, d), that every block's retrieval attention reads, and the
+        row mask, for ``neighbour_codes`` (B, k, L, Cvae): the codebook vectors of k retrieved images' tokens at
+        every scale (:meth:`MultiScaleVQVAE.code_embeddings`), each position given the same scale and position
+        codes as the sequence, so a query meets the neighbours' codes at its own place. ``neighbour_mask`` (B,)
+        says which rows use them (default: all)."""
         if not self.has_retrieval:
             raise ValueError(
                 "This transformer has no retrieval conditioning (config.num_neighbours=0): sample with training-free "
@@ -515,7 +511,9 @@ class VARTransformer(VARPreTrainedModel):
         words = self.neighbour_proj(neighbour_codes.to(self.neighbour_proj.weight.dtype))
         memory = self.neighbour_norm(words + self._position_codes(0, self.num_tokens, words.device).unsqueeze(1))
         memory = memory.flatten(1, 2)  # (B, k·L, C): one set of keys over all neighbours and scales
-        return [(*block.neighbour_attn.keys_values(memory), neighbour_mask) for block in self.blocks]
+        heads, head_dim = self.config.num_heads, self.config.embed_dim // self.config.num_heads
+        key, value = self.neighbour_key_value(memory).view(batch, memory.shape[1], 2, heads, head_dim).unbind(2)
+        return key.transpose(1, 2), value.transpose(1, 2), neighbour_mask
 
     # -- embeddings, as transformers' tools expect them ------------------------------------------------------------
 
@@ -606,18 +604,17 @@ class VARTransformer(VARPreTrainedModel):
             hidden = self._scale_tokens(condition, next_scale_inputs, kv_cache, scale_index)
             mask = None  # a scale sees all of itself and every cached coarser scale
             if neighbour_codes is not None and kv_cache.neighbours is None:
-                per_block = self.neighbour_keys_values(neighbour_codes, neighbour_mask)
-                kv_cache.neighbours = [(key, value) for key, value, _ in per_block]
-                kv_cache.neighbour_mask = per_block[0][2]
+                *kv_cache.neighbours, kv_cache.neighbour_mask = self.neighbour_keys_values(
+                    neighbour_codes, neighbour_mask
+                )
             neighbours = None
             if kv_cache.neighbours is not None:
-                neighbours = [(*kv, kv_cache.neighbour_mask) for kv in kv_cache.neighbours]
+                neighbours = (*kv_cache.neighbours, kv_cache.neighbour_mask)
         modulation = self._modulation(condition)
         all_hidden = (hidden,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for i, block in enumerate(self.blocks):
-            block_neighbours = None if neighbours is None else neighbours[i]
-            hidden, weights = block(hidden, modulation, mask, kv_cache, output_attentions, block_neighbours)
+        for block in self.blocks:
+            hidden, weights = block(hidden, modulation, mask, kv_cache, output_attentions, neighbours)
             if output_hidden_states:
                 all_hidden += (hidden,)
             if output_attentions:

@@ -44,9 +44,12 @@ def var_loss(
     class_labels: torch.LongTensor,
     next_scale_inputs: torch.Tensor,
     targets: torch.LongTensor,
+    neighbour_codes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, VARTrainingMetrics]:
-    """The training loss (label smoothing from the config, class dropout in train mode) and the batch's metrics."""
-    out = transformer(class_labels, next_scale_inputs, labels=targets)
+    """The training loss (label smoothing from the config, class and neighbour dropout in train mode) and the
+    batch's metrics. ``neighbour_codes`` (B, k, L, Cvae): a retrieval model's neighbours (``training.retrieval``)."""
+    extra = {} if neighbour_codes is None else {"neighbour_codes": neighbour_codes}
+    out = transformer(class_labels, next_scale_inputs, labels=targets, **extra)
     with torch.no_grad():
         logits = out.logits.float()
         config = getattr(transformer, "module", transformer).config  # also under DistributedDataParallel
