@@ -5,22 +5,32 @@ Usage::
     diffusers-var generate                      # the bundled var-digits model, 8 per class → grid.png
     diffusers-var generate --model path/to/pipeline --class-labels 0 1 "golden retriever" --output grid.png
     diffusers-var generate --model org/var-d16 --num-per-class 50 --seed 0 --output-dir samples/
+    diffusers-var generate --model DIR/pipeline --datastore DIR/datastore --class-labels 3 7 --num-per-class 8
 
 ``--output`` writes one grid (a labelled row per class; PNG, JPEG, WebP or TIFF by its extension); ``--output-dir``
 writes ``<class id>_<index>.png`` per sample, each as soon as its batch is done. Every path is checked before
 sampling starts. Files are written to a temporary name and renamed, so an interrupted run leaves no partial image,
 and a file that diffusers-var did not write is never replaced without ``--overwrite`` (our images say so in their
 EXIF ``Software`` tag).
+
+``--datastore`` samples with retrieval (:class:`~diffusers_var.VARRetrievalPipeline`): each image is conditioned on
+``--num-neighbours`` real images of its label drawn from a datastore built by ``diffusers-var index``.
+``--class-labels`` are then the datastore's label names (default: all of them), and files are
+``<label>_<index>.png``. A label the model never trained on is drawn from the null class and its neighbours alone.
+A label the model knows keeps plain sampling's seeds, so ``--retrieval-weight 0`` gives plain generate's images.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
@@ -30,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .evaluation.samples import to_uint8
+from .pipelines.retrieval import DEFAULT_RETRIEVAL_WEIGHT, DEFAULT_TRAINING_FREE_NEIGHBOURS, VARRetrievalPipeline
 from .pipelines.var import VARPipeline
 from .saving import current_umask
 
@@ -115,9 +126,9 @@ def _check_replaceable(path: Path, overwrite: bool, flag: str) -> None:
         )
 
 
-def check_outputs(args: argparse.Namespace, jobs: list[tuple[int, int]] | None = None) -> None:
-    """Validate the output paths before any sampling (``jobs``: the (class, index) of every sample, to check the
-    files a folder run would replace)."""
+def check_outputs(args: argparse.Namespace, jobs: list[tuple[int | str, int]] | None = None) -> None:
+    """Validate the output paths before any sampling (``jobs``: the (class id or file stem, index) of every sample,
+    to check the ``<class>_<index>.png`` files a folder run would replace)."""
     if getattr(args, "output_npz", None):
         path = Path(args.output_npz)
         if path.suffix != ".npz":
@@ -246,8 +257,60 @@ def class_name(pipe: VARPipeline, class_id: int, max_length: int = 28) -> str:
     name = name.split(",")[0].strip()
     if name == str(class_id):
         return name
-    label = f"{class_id}: {name}"
-    return label if len(label) <= max_length else label[: max_length - 1] + "…"
+    return _shorten(f"{class_id}: {name}", max_length)
+
+
+def _shorten(text: str, max_length: int = 28) -> str:
+    return text if len(text) <= max_length else text[: max_length - 1] + "…"
+
+
+@dataclass(frozen=True)
+class SampleLabel:
+    """One label a run samples: a grid row, and the files ``<stem>_<index>.png``.
+
+    Attributes:
+        label: what the pipeline is called with: a class id, or with ``--datastore`` a datastore label name.
+        title: the grid row's label. stem: the start of its file names.
+        seed_key: the class part of its images' seeds (:func:`sample_seed`).
+        class_id: the model's class id (``arr_1`` of an npz); ``None`` for a label the model never trained on.
+    """
+
+    label: int | str
+    title: str
+    stem: str
+    seed_key: int
+    class_id: int | None
+
+    def describe(self) -> str:
+        return f"class={self.label}" if isinstance(self.label, int) else f"label={self.label!r}"
+
+
+def unseen_seed_key(name: str, num_classes: int) -> int:
+    """The class part of the seeds of a datastore label the model never trained on: past the model's class ids,
+    from the name alone (the same in every run, whatever the other labels)."""
+    return num_classes + 1 + int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:6], "big")
+
+
+_UNSAFE_IN_FILE_NAMES = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def file_stem(name: str) -> str:
+    """A label name as the start of a file name: characters other than A-Z, a-z, 0-9, ".", "_" and "-" become "_"."""
+    return _UNSAFE_IN_FILE_NAMES.sub("_", name)
+
+
+def check_distinct_files(labels: list[SampleLabel]) -> None:
+    """Refuse labels that would write the same files: equal stems, or stems equal but for case (some disks ignore
+    it)."""
+    taken: dict[str, SampleLabel] = {}
+    for label in labels:
+        other = taken.setdefault(label.stem.casefold(), label)
+        if other is not label:
+            raise ValueError(
+                f"--class-labels {other.label!r} and {label.label!r} would both write {label.stem}_<index>.png (file "
+                "names keep only A-Z, a-z, 0-9, '.', '_' and '-', and some disks ignore case); sample them into "
+                "separate --output-dir folders."
+            )
 
 
 # -- the command ------------------------------------------------------------------------------------------------------
@@ -271,7 +334,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = D
         help=f"a pipeline folder, a bundled model name or a Hub repo id (default: {default_model})",
     )
     parser.add_argument(
-        "--class-labels", nargs="+", default=None, help="class ids or names, each once (default: every class)"
+        "--class-labels",
+        nargs="+",
+        default=None,
+        help="class ids or names, each once; with --datastore, the datastore's label names (default: every class, "
+        "or every label of the datastore)",
     )
     parser.add_argument("--num-per-class", type=_positive_int, default=8, help="samples per class (default: 8)")
     parser.add_argument(
@@ -314,6 +381,48 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = D
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing files not written by diffusers-var (default: off)"
+    )
+    retrieval = parser.add_argument_group(
+        "retrieval",
+        "condition each image on real images of its label from a datastore (diffusers-var index), as Re-Imagen does",
+    )
+    retrieval.add_argument(
+        "--datastore",
+        default=None,
+        metavar="DIR",
+        help="a datastore folder with token maps of this model's tokenizer; --class-labels are then its label names "
+        "and files <label>_<index>.png (default: no retrieval)",
+    )
+    retrieval.add_argument(
+        "--num-neighbours",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="real images each sample is conditioned on (default: the model's num_neighbours in trained mode, else "
+        f"{DEFAULT_TRAINING_FREE_NEIGHBOURS})",
+    )
+    retrieval.add_argument(
+        "--retrieval-mode",
+        choices=("trained", "training_free"),
+        default=None,
+        help="trained: the model's retrieval attention; training_free: mix each scale's distribution with the "
+        "neighbours' codes, for any model (default: trained when the model has retrieval attention, else "
+        "training_free)",
+    )
+    retrieval.add_argument(
+        "--retrieval-weight",
+        type=float,
+        default=None,
+        metavar="λ",
+        help="training_free: λ in (1 − λ)·p_model + λ·p_retrieved, in [0, 1]; 0 = plain sampling "
+        f"(default: {DEFAULT_RETRIEVAL_WEIGHT})",
+    )
+    retrieval.add_argument(
+        "--retrieval-guidance-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="trained: guidance on retrieval, contrasting rows with and without neighbours; 1.0 = none (default: 1.0)",
     )
     rejection = parser.add_argument_group(
         "rejection sampling", "keep the best of M candidates per image by a classifier's p(y|x), as VAR-d30-re does"
@@ -367,6 +476,123 @@ def _parse_labels(values: list[str] | None, pipe: VARPipeline) -> list[int]:
     return ids
 
 
+def _class_labels(args: argparse.Namespace, pipe: VARPipeline) -> list[SampleLabel]:
+    """A plain run's labels: the model's classes, in files ``<class id>_<index>.png``."""
+    return [SampleLabel(c, class_name(pipe, c), str(c), c, c) for c in _parse_labels(args.class_labels, pipe)]
+
+
+# -- retrieval ------------------------------------------------------------------------------------------------------
+
+
+RETRIEVAL_FLAGS = {
+    "--num-neighbours": "num_neighbours", "--retrieval-mode": "retrieval_mode",
+    "--retrieval-weight": "retrieval_weight", "--retrieval-guidance-scale": "retrieval_guidance_scale",
+}  # fmt: skip
+
+
+def _check_retrieval_flags(args: argparse.Namespace) -> None:
+    """Retrieval flags need --datastore, and retrieval does not combine with rejection sampling (its candidates
+    are drawn without neighbours): refused before anything loads."""
+    if getattr(args, "datastore", None) is None:
+        given = [flag for flag, name in RETRIEVAL_FLAGS.items() if getattr(args, name, None) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} configure retrieval; add --datastore DIR.")
+    elif getattr(args, "rejection_classifier", None) is not None:
+        raise ValueError(
+            "--datastore and --rejection-classifier do not combine: rejection sampling draws its candidates without "
+            "neighbours. Use one or the other."
+        )
+
+
+def _load_datastore(path: str):
+    """The ``--datastore`` folder, loaded (in one place, so that tests can stand in a datastore of their own)."""
+    from .retrieval.datastore import RetrievalDatastore
+
+    return RetrievalDatastore.load(path)
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _datastore_labels(args: argparse.Namespace, pipe: VARRetrievalPipeline, store) -> list[SampleLabel]:
+    """``--class-labels`` as datastore label names (default: all of them). A label the model knows keeps its class
+    id's seeds (``--retrieval-weight 0`` then gives plain generate's images); an unseen one gets seeds of its own."""
+    names = list(store.label_names) if args.class_labels is None else list(args.class_labels)
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(
+                f"--class-labels names {name!r} twice; list each label once and set --num-per-class for more samples."
+            )
+        seen.add(name)
+    _, class_ids = pipe._datastore_labels(store, names, 1)  # the pipeline's check: each is one of the datastore's
+    num_classes = pipe.transformer.config.num_classes
+    labels = []
+    for name, class_id in zip(names, class_ids.tolist()):
+        if class_id == num_classes:  # the null class: a label the model never trained on
+            title, seed_key, class_id = _shorten(name, 19) + " (unseen)", unseen_seed_key(name, num_classes), None
+        else:
+            title, seed_key = _shorten(name), class_id
+        labels.append(SampleLabel(name, title, file_stem(name), seed_key, class_id))
+    if args.output_dir:
+        check_distinct_files(labels)
+    unseen = [label.label for label in labels if label.class_id is None]
+    if unseen and getattr(args, "output_npz", None):
+        raise ValueError(
+            f"--output-npz stores each image's class id (arr_1), and the model has none for {_names(unseen)}; write "
+            "those labels with --output-dir or --output instead."
+        )
+    return labels
+
+
+def _retrieval_arguments(args: argparse.Namespace, pipe: VARRetrievalPipeline, store, labels) -> dict:
+    """The pipeline's retrieval arguments the flags ask for, checked against the model and the datastore before
+    any sampling."""
+    from .validation import check_real
+
+    mode = args.retrieval_mode or pipe.default_retrieval_mode()
+    if mode == "trained":
+        if not pipe.transformer.has_retrieval:
+            raise ValueError(
+                f"--retrieval-mode trained needs a model trained with retrieval attention; {args.model} has none. "
+                "Use --retrieval-mode training_free (any model)."
+            )
+        if args.retrieval_weight is not None:
+            raise ValueError(
+                "--retrieval-weight is λ of --retrieval-mode training_free; this run is in trained mode (the model's "
+                "retrieval attention), which has --retrieval-guidance-scale. Drop it, or add --retrieval-mode "
+                "training_free."
+            )
+    elif args.retrieval_guidance_scale is not None:
+        raise ValueError(
+            "--retrieval-guidance-scale belongs to --retrieval-mode trained; this run is training_free, which has "
+            "--retrieval-weight."
+        )
+    default_k = pipe.transformer.config.num_neighbours if mode == "trained" else DEFAULT_TRAINING_FREE_NEIGHBOURS
+    k = args.num_neighbours or default_k
+    counts = {label.label: store.count(label.label) for label in labels}
+    fewest = min(counts, key=counts.get)
+    if counts[fewest] < k:
+        raise ValueError(
+            f"{k} neighbours per image{' (the default)' if args.num_neighbours is None else ''}, but label "
+            f"{fewest!r} has only {counts[fewest]} image(s) in {args.datastore}; pass --num-neighbours "
+            f"{counts[fewest]} or less, or add images with diffusers-var index."
+        )
+    store.check_tokenizer(pipe.vqvae)
+    arguments = {"datastore": store, "num_neighbours": k, "retrieval_mode": mode}
+    if mode == "trained":
+        scale = 1.0 if args.retrieval_guidance_scale is None else args.retrieval_guidance_scale
+        check_real("--retrieval-guidance-scale", scale, minimum=0, hint=" 1.0 means no guidance.")
+        arguments["retrieval_guidance_scale"] = scale
+    else:
+        weight = DEFAULT_RETRIEVAL_WEIGHT if args.retrieval_weight is None else args.retrieval_weight
+        check_real("--retrieval-weight", weight, 0, 1, hint=" It is λ in (1 − λ)·p_model + λ·p_retrieved.")
+        arguments["retrieval_weight"] = weight
+    return arguments
+
+
 def _process_state(device: torch.device):
     """(rank, world size, device of this process, barrier) for runs started by accelerate launch or torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -400,14 +626,22 @@ def generate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--num-per-class must be ≥ 1, got {args.num_per_class}.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}.")
+    _check_retrieval_flags(args)
     spawn_cpu_processes()  # `accelerate launch --cpu --num_processes N` runs one process: start the N workers
     rank, world, device, barrier = _process_state(
         check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     )
     check_outputs(args)  # before the model loads: a wrong path fails in a second, not after the download
+    # the datastore before the model as well: a wrong folder fails in a second
+    store = _load_datastore(args.datastore) if getattr(args, "datastore", None) else None
     pipe = VARPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
+    if store is None:
+        labels, retrieval = _class_labels(args, pipe), {}
+    else:
+        pipe = VARRetrievalPipeline(**pipe.components, **pipe.parameters)
+        labels = _datastore_labels(args, pipe, store)
+        retrieval = _retrieval_arguments(args, pipe, store, labels)
     pipe.set_progress_bar_config(disable=True)
-    class_ids = _parse_labels(args.class_labels, pipe)
     flags = ("guidance_scale", "top_k", "top_p", "temperature")
     sampling = {name: getattr(args, name) for name in flags if getattr(args, name, None) is not None}
     if getattr(args, "more_smooth", False):
@@ -416,22 +650,26 @@ def generate(args: argparse.Namespace) -> list[Path]:
         sampling.get("guidance_scale", 1.0), args.top_k, args.top_p, sampling.get("temperature", 1.0)
     )
     sampler = _rejection_sampler(args, pipe, device)
+    unseen = [label.label for label in labels if label.class_id is None]
+    if unseen and rank == 0:
+        print(f"Labels {args.model} never trained on, drawn from the null class and neighbours alone: {_names(unseen)}")
     if getattr(args, "progressive", False):
         if sampler is not None or args.output_dir or getattr(args, "output_npz", None) or world > 1:
             raise ValueError(
                 "--progressive draws one picture of how samples form: use it with --output (or the default grid), "
                 "in one process, without --output-dir, --output-npz or rejection sampling."
             )
-        return [_progressive_grid(args, pipe, class_ids, sampling, device)]
+        return [_progressive_grid(args, pipe, labels, sampling, retrieval, device)]
     # one generator per image: on one device and dtype, a sample depends only on (seed, class, index), not on the
     # batching or the other --class-labels
-    jobs = [(c, i) for c in class_ids for i in range(args.num_per_class)]
+    jobs = [(label, i) for label in labels for i in range(args.num_per_class)]
     batches = [jobs[start : start + args.batch_size] for start in range(0, len(jobs), args.batch_size)]
-    check_outputs(args, jobs)
+    check_outputs(args, [(label.stem, i) for label, i in jobs])
     if wants_grid(args):
-        check_grid_size(grid_path(args), len(class_ids), args.num_per_class, pipe.vqvae.image_size)
+        check_grid_size(grid_path(args), len(labels), args.num_per_class, pipe.vqvae.image_size)
     settings = {
-        "model": str(args.model), "class_ids": class_ids, "num_per_class": args.num_per_class, "seed": args.seed,
+        "model": str(args.model), "class_ids": [label.class_id for label in labels],
+        "num_per_class": args.num_per_class, "seed": args.seed,
         "batch_size": args.batch_size, "sampling": sampling, "dtype": args.dtype, "device": device.type,
         "outputs": [str(args.output_dir or ""), str(getattr(args, "output_npz", None) or ""), str(args.output or "")],
     }  # fmt: skip
@@ -439,6 +677,11 @@ def generate(args: argparse.Namespace) -> list[Path]:
         settings["rejection"] = {
             "classifier": sampler.verifier.description, "oversample": sampler.oversample, "mode": sampler.mode,
             "rejection_scale": sampler.rejection_scale, "accept_threshold": sampler.accept_threshold,
+        }  # fmt: skip
+    if retrieval:
+        settings["retrieval"] = {
+            "datastore": str(args.datastore), "labels": [label.label for label in labels],
+            **{name: value for name, value in retrieval.items() if name != "datastore"},
         }  # fmt: skip
     run = GenerationRun(_work_folder(args), settings, len(batches), args.overwrite, check=rank == 0)
     if rank == 0:
@@ -453,25 +696,30 @@ def generate(args: argparse.Namespace) -> list[Path]:
             chunk = batches[batch]
             # on the sampling device: CPU generators would make a GPU draw every random number on the host
             if sampler is None:
-                generators = [torch.Generator(device).manual_seed(sample_seed(args.seed, c, i)) for c, i in chunk]
-                images = pipe(class_labels=[c for c, _ in chunk], generator=generators, output_type="np", **sampling)
+                generators = [
+                    torch.Generator(device).manual_seed(sample_seed(args.seed, label.seed_key, i)) for label, i in chunk
+                ]
+                images = pipe(
+                    class_labels=[label.label for label, _ in chunk], generator=generators, output_type="np",
+                    **sampling, **retrieval,
+                )  # fmt: skip
                 images, record = to_uint8(images.images), {}
             else:
                 generators = [
                     [
-                        torch.Generator(device).manual_seed(sample_seed(args.seed, c, i, m))
+                        torch.Generator(device).manual_seed(sample_seed(args.seed, label.seed_key, i, m))
                         for m in range(args.oversample)
                     ]
-                    for c, i in chunk
+                    for label, i in chunk
                 ]
-                kept = sampler([c for c, _ in chunk], generators, **sampling)
+                kept = sampler([label.label for label, _ in chunk], generators, **sampling)
                 images, record = kept.images, rejection_record(kept)
                 spent = [a + b for a, b in zip(spent, (record["accepted"], record["candidates"]))]
                 progress.set_postfix(accepted=f"{spent[0] / spent[1]:.0%}", refresh=False)
             if args.output_dir:
-                for (class_id, index), image in zip(chunk, images):
-                    path = Path(args.output_dir) / f"{class_id}_{index}.png"
-                    description = f"{args.model} class={class_id} index={index} seed={args.seed}"
+                for (label, index), image in zip(chunk, images):
+                    path = Path(args.output_dir) / f"{label.stem}_{index}.png"
+                    description = f"{args.model} {label.describe()} index={index} seed={args.seed}"
                     save_image_atomically(PIL.Image.fromarray(image), path, description)
                     written.append(path)
             if keep_shards:
@@ -483,27 +731,31 @@ def generate(args: argparse.Namespace) -> list[Path]:
         if sampler is not None:
             settings["rejection"]["totals"] = rejection_totals(run.records())
             print(rejection_summary(settings["rejection"]))
-        written += _assemble(args, run, pipe, class_ids, jobs, settings)
+        written += _assemble(args, run, pipe, labels, jobs, settings)
     return written
 
 
-def _progressive_grid(args, pipe: VARPipeline, class_ids: list[int], sampling: dict, device) -> Path:
+def _progressive_grid(
+    args, pipe: VARPipeline, labels: list[SampleLabel], sampling: dict, retrieval: dict, device
+) -> Path:
     """``--progressive``: a grid with a row per sample and a column per scale. The last column is the sample that
-    plain ``generate`` gives for the same (seed, class, index) and batch size."""
+    ``generate`` without it gives for the same (seed, label, index) and batch size."""
     patch_nums = pipe.vqvae.config.patch_nums
-    jobs = [(c, i) for c in class_ids for i in range(args.num_per_class)]
+    jobs = [(label, i) for label in labels for i in range(args.num_per_class)]
     path = grid_path(args)
     check_grid_size(path, len(jobs), len(patch_nums), pipe.vqvae.image_size)
-    names = [f"{class_name(pipe, c)} #{i}" for c, i in jobs]
+    names = [f"{label.title} #{i}" for label, i in jobs]
     titles = [f"{side}x{side}" for side in patch_nums]  # (not ×: the fallback bitmap font lacks it)
     canvas = GridCanvas(names, len(patch_nums), pipe.vqvae.image_size, titles)
     with tqdm(total=len(jobs), desc="Sampling", unit="img") as progress:
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start : start + args.batch_size]
-            generators = [torch.Generator(device).manual_seed(sample_seed(args.seed, c, i)) for c, i in chunk]
+            generators = [
+                torch.Generator(device).manual_seed(sample_seed(args.seed, label.seed_key, i)) for label, i in chunk
+            ]
             out = pipe(
-                class_labels=[c for c, _ in chunk], generator=generators, output_type="np", output_scales=True,
-                **sampling,
+                class_labels=[label.label for label, _ in chunk], generator=generators, output_type="np",
+                output_scales=True, **sampling, **retrieval,
             )  # fmt: skip
             for column, images in enumerate(out.scale_images):
                 for row, image in enumerate(to_uint8(images)):
@@ -575,7 +827,7 @@ def rejection_summary(rejection: dict) -> str:
     )
 
 
-def _assemble(args, run, pipe: VARPipeline, class_ids: list[int], jobs, settings: dict) -> list[Path]:
+def _assemble(args, run, pipe: VARPipeline, labels: list[SampleLabel], jobs, settings: dict) -> list[Path]:
     """The main process, once every batch is done: the npz and the grid from the shards, in order."""
     from .evaluation.samples import NpzWriter
 
@@ -589,15 +841,15 @@ def _assemble(args, run, pipe: VARPipeline, class_ids: list[int], jobs, settings
         with NpzWriter(args.output_npz, len(jobs), (size, size), extra={NPZ_MARKER: json.dumps(what)}) as npz:
             start = 0
             for images in run.shards():
-                npz.write(images, [c for c, _ in jobs[start : start + len(images)]])
+                npz.write(images, [label.class_id for label, _ in jobs[start : start + len(images)]])
                 start += len(images)
         written.append(Path(args.output_npz))
     if wants_grid(args):
-        canvas = GridCanvas([class_name(pipe, c) for c in class_ids], args.num_per_class, pipe.vqvae.image_size)
-        row_of, start = {c: row for row, c in enumerate(class_ids)}, 0
+        canvas = GridCanvas([label.title for label in labels], args.num_per_class, pipe.vqvae.image_size)
+        row_of, start = {label: row for row, label in enumerate(labels)}, 0
         for images in run.shards():
-            for (class_id, index), image in zip(jobs[start : start + len(images)], images):
-                canvas.paste(row_of[class_id], index, PIL.Image.fromarray(image))
+            for (label, index), image in zip(jobs[start : start + len(images)], images):
+                canvas.paste(row_of[label], index, PIL.Image.fromarray(image))
             start += len(images)
         save_image_atomically(canvas.grid, grid_path(args), f"{args.model} seed={args.seed}")
         written.append(grid_path(args))
