@@ -202,7 +202,7 @@ def test_trained_mode_uses_the_neighbours_and_guides_on_retrieval():
 
     def keep_second(pipeline, si, state):
         assert state.row_groups == 3 and state.neighbour_codes is None  # encoded into the cache at scale 0
-        kept.append(state.kv_cache.neighbour_mask.tolist())
+        kept.append(state.kv_cache.neighbours.row_mask.tolist())
         return state.select(torch.tensor([1])) if si == 1 else None
 
     guided = pipe(

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .transformer_config import VARConfig
+
+
+@dataclass
+class VARNeighbours:
+    """A retrieval model's encoded neighbours: per scale, keys and values (B, H, k·pn², d) that the positions of that
+    scale attend to, and the (B,) rows that use them (the others get nothing from them)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    row_mask: torch.BoolTensor
+
+    def map(self, function) -> VARNeighbours:
+        """The same neighbours with ``function`` applied to every tensor (copy, row selection)."""
+        return VARNeighbours(
+            [function(t) for t in self.keys], [function(t) for t in self.values], function(self.row_mask)
+        )
 
 
 class VARKVCache:
@@ -30,9 +48,7 @@ class VARKVCache:
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.depth)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.depth)]
         self.length = 0
-        # (keys, values) of the neighbours, and the (B,) rows that use them; None: no retrieval
-        self.neighbours: list[torch.Tensor] | None = None
-        self.neighbour_mask: torch.Tensor | None = None
+        self.neighbours: VARNeighbours | None = None  # None: no retrieval
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write a scale's (B, H, l, d) keys and values after the filled prefix; return the prefix including them."""
@@ -51,8 +67,7 @@ class VARKVCache:
         copy.keys = [k.clone() for k in self.keys]
         copy.values = [v.clone() for v in self.values]
         copy.length = self.length
-        copy.neighbours = None if self.neighbours is None else [t.clone() for t in self.neighbours]
-        copy.neighbour_mask = None if self.neighbour_mask is None else self.neighbour_mask.clone()
+        copy.neighbours = None if self.neighbours is None else self.neighbours.map(torch.clone)
         return copy
 
     def select(self, index: torch.LongTensor) -> VARKVCache:
@@ -61,6 +76,5 @@ class VARKVCache:
         copy.keys = [k.index_select(0, index) for k in self.keys]
         copy.values = [v.index_select(0, index) for v in self.values]
         copy.length = self.length
-        copy.neighbours = None if self.neighbours is None else [t.index_select(0, index) for t in self.neighbours]
-        copy.neighbour_mask = None if self.neighbour_mask is None else self.neighbour_mask.index_select(0, index)
+        copy.neighbours = None if self.neighbours is None else self.neighbours.map(lambda t: t.index_select(0, index))
         return copy

@@ -20,7 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from ..remote_code import package_only
-from .kv_cache import VARKVCache
+from .kv_cache import VARKVCache, VARNeighbours
 from .loading import load_strictly
 from .transformer_config import VARConfig
 
@@ -160,9 +160,10 @@ class VARMLP(nn.Module):
 class VARNeighbourAttention(nn.Module):
     """Attention from the sequence to the retrieved neighbours' token pyramids (a retrieval model's extra step).
 
-    Queries come from the block's hidden states; keys and values are the neighbours' encoded codes, projected once
-    per call for all blocks (:meth:`VARTransformer.neighbour_keys_values`: k neighbours × L positions are several
-    times the sequence, so per-block projections would cost more than the blocks themselves). The output passes a
+    Each scale's positions attend to the k neighbours' codes *of the same scale* (all their positions there): the
+    neighbours say what that scale's tokens look like for this label, wherever they sit, at a fraction of the cost of
+    attending to every scale (Σ k·pn⁴ instead of k·L² products). Keys and values are the neighbours' encoded codes,
+    projected once per call for all blocks (:meth:`VARTransformer.neighbour_keys_values`). The output passes a
     learned per-channel ``gate`` that starts at zero, so a freshly added retrieval step changes nothing until it is
     trained; rows whose neighbours are dropped (``row_mask`` False) get exactly nothing from it.
     """
@@ -179,12 +180,23 @@ class VARNeighbourAttention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(channels))
 
     def forward(
-        self, hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, row_mask: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        neighbours: VARNeighbours,
+        scales: list[tuple[int, int, int]],
     ) -> torch.Tensor:
+        """``scales``: (scale index, begin, end) of each scale's positions in ``hidden``."""
         batch, length, channels = hidden.shape
         query = self.query(self.norm(hidden)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, length, channels)
-        return self.out_proj(out) * self.gate * row_mask.to(hidden.dtype).view(-1, 1, 1)
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(query[:, :, begin:end], neighbours.keys[si], neighbours.values[si])
+                for si, begin, end in scales
+            ],
+            dim=2,
+        )
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, channels))
+        return out * self.gate * neighbours.row_mask.to(hidden.dtype).view(-1, 1, 1)
 
 
 class DropPath(nn.Module):
@@ -230,9 +242,11 @@ class VARBlock(GradientCheckpointingLayer):
         attn_mask: torch.Tensor | None = None,
         kv_cache: VARKVCache | None = None,
         output_attentions: bool = False,
-        neighbours: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        neighbours: VARNeighbours | None = None,
+        neighbour_scales: list[tuple[int, int, int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``neighbours``: the neighbours' (keys, values) and the (B,) rows that use them, or ``None``."""
+        """``neighbours``: a retrieval model's neighbours (or ``None``); ``neighbour_scales``: the (scale index,
+        begin, end) of each scale's positions in ``hidden``."""
         if hasattr(self, "scale_shift_table"):
             modulation = self.scale_shift_table + modulation
         else:
@@ -242,7 +256,7 @@ class VARBlock(GradientCheckpointingLayer):
         attended, weights = self.attn(normed, attn_mask, kv_cache, output_attentions)
         hidden = hidden + self.drop_path(attended * gate_attn)
         if neighbours is not None:
-            hidden = hidden + self.drop_path(self.neighbour_attn(hidden, *neighbours))
+            hidden = hidden + self.drop_path(self.neighbour_attn(hidden, neighbours, neighbour_scales))
         hidden = hidden + self.drop_path(self.mlp(self.norm(hidden) * (1 + scale_mlp) + shift_mlp) * gate_mlp)
         return hidden, weights
 
@@ -478,12 +492,11 @@ class VARTransformer(VARPreTrainedModel):
 
     def neighbour_keys_values(
         self, neighbour_codes: torch.Tensor, neighbour_mask: torch.BoolTensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.BoolTensor]:
-        """The neighbours' (keys, values), each (B, H, k·L, d), that every block's retrieval attention reads, and the
-        row mask, for ``neighbour_codes`` (B, k, L, Cvae): the codebook vectors of k retrieved images' tokens at
-        every scale (:meth:`MultiScaleVQVAE.code_embeddings`), each position given the same scale and position
-        codes as the sequence, so a query meets the neighbours' codes at its own place. ``neighbour_mask`` (B,)
-        says which rows use them (default: all)."""
+    ) -> VARNeighbours:
+        """The neighbours' keys and values per scale, each (B, H, k·pn², d), that every block's retrieval attention
+        reads, for ``neighbour_codes`` (B, k, L, Cvae): the codebook vectors of k retrieved images' tokens at every
+        scale (:meth:`MultiScaleVQVAE.code_embeddings`), each position given the same scale and position codes as
+        the sequence. ``neighbour_mask`` (B,) says which rows use them (default: all)."""
         if not self.has_retrieval:
             raise ValueError(
                 "This transformer has no retrieval conditioning (config.num_neighbours=0): sample with training-free "
@@ -493,11 +506,7 @@ class VARTransformer(VARPreTrainedModel):
         if (
             neighbour_codes.ndim != 4
             or neighbour_codes.shape[1] < 1
-            or tuple(neighbour_codes.shape[2:])
-            != (
-                self.num_tokens,
-                self.config.latent_channels,
-            )
+            or tuple(neighbour_codes.shape[2:]) != (self.num_tokens, self.config.latent_channels)
         ):
             raise ValueError(
                 f"neighbour_codes must have shape (B, k, {self.num_tokens}, {self.config.latent_channels}) (k ≥ 1 "
@@ -510,10 +519,12 @@ class VARTransformer(VARPreTrainedModel):
             raise ValueError(f"neighbour_mask must be a ({batch},) bool tensor, got {tuple(neighbour_mask.shape)}.")
         words = self.neighbour_proj(neighbour_codes.to(self.neighbour_proj.weight.dtype))
         memory = self.neighbour_norm(words + self._position_codes(0, self.num_tokens, words.device).unsqueeze(1))
-        memory = memory.flatten(1, 2)  # (B, k·L, C): one set of keys over all neighbours and scales
-        heads, head_dim = self.config.num_heads, self.config.embed_dim // self.config.num_heads
-        key, value = self.neighbour_key_value(memory).view(batch, memory.shape[1], 2, heads, head_dim).unbind(2)
-        return key.transpose(1, 2), value.transpose(1, 2), neighbour_mask
+        k, heads, head_dim = memory.shape[1], self.config.num_heads, self.config.embed_dim // self.config.num_heads
+        key, value = self.neighbour_key_value(memory).view(batch, k, -1, 2, heads, head_dim).unbind(3)
+        key, value = key.permute(0, 3, 1, 2, 4), value.permute(0, 3, 1, 2, 4)  # (B, H, k, L, d)
+        keys = [key[:, :, :, begin:end].flatten(2, 3) for begin, end in self.begin_ends]
+        values = [value[:, :, :, begin:end].flatten(2, 3) for begin, end in self.begin_ends]
+        return VARNeighbours(keys, values, neighbour_mask)
 
     # -- embeddings, as transformers' tools expect them ------------------------------------------------------------
 
@@ -596,6 +607,7 @@ class VARTransformer(VARPreTrainedModel):
                 if neighbour_mask is None:
                     neighbour_mask = torch.ones(class_labels.shape[0], dtype=torch.bool, device=hidden.device)
                 neighbours = self.neighbour_keys_values(neighbour_codes, self.drop_neighbours(neighbour_mask))
+            neighbour_scales = [(si, begin, end) for si, (begin, end) in enumerate(self.begin_ends)]
         else:
             if labels is not None:
                 raise ValueError("labels (a training loss) need teacher forcing: call without kv_cache.")
@@ -604,17 +616,14 @@ class VARTransformer(VARPreTrainedModel):
             hidden = self._scale_tokens(condition, next_scale_inputs, kv_cache, scale_index)
             mask = None  # a scale sees all of itself and every cached coarser scale
             if neighbour_codes is not None and kv_cache.neighbours is None:
-                *kv_cache.neighbours, kv_cache.neighbour_mask = self.neighbour_keys_values(
-                    neighbour_codes, neighbour_mask
-                )
-            neighbours = None
-            if kv_cache.neighbours is not None:
-                neighbours = (*kv_cache.neighbours, kv_cache.neighbour_mask)
+                kv_cache.neighbours = self.neighbour_keys_values(neighbour_codes, neighbour_mask)
+            neighbours = kv_cache.neighbours
+            neighbour_scales = [(scale_index, 0, hidden.shape[1])]
         modulation = self._modulation(condition)
         all_hidden = (hidden,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for block in self.blocks:
-            hidden, weights = block(hidden, modulation, mask, kv_cache, output_attentions, neighbours)
+            hidden, weights = block(hidden, modulation, mask, kv_cache, output_attentions, neighbours, neighbour_scales)
             if output_hidden_states:
                 all_hidden += (hidden,)
             if output_attentions:
