@@ -319,3 +319,37 @@ def test_train_var_with_a_retrieval_datastore(tmp_path):
         timeout=300,
     )
     assert result.returncode != 0 and "at least 5 datastore images per label" in result.stderr
+
+
+def test_long_tail_recipe_smoke(tmp_path):
+    """examples/retrieval/run_recipe.py end to end at toy size (the full recipe takes about 40 minutes)."""
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "retrieval" / "run_recipe.py"
+    command = [sys.executable, str(recipe), "--holdout-class", "4", "--rare-classes", "1", "9"]
+    command += ["--output-dir", str(tmp_path / "run"), "--smoke", "--threads", "1"]
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    # the transformer's data: no held-out digit, rare digits at 5 % (the datastore keeps every training image)
+    assert not (run / "data" / "train" / "4").exists() and len(list((run / "data" / "datastore" / "4").iterdir())) > 100
+    assert len(list((run / "data" / "train" / "1").iterdir())) == round(
+        0.05 * len(list((run / "data" / "datastore" / "1").iterdir()))
+    )
+    pipe = VARPipeline.from_pretrained(run / "pipeline")
+    assert pipe.transformer.config.num_neighbours == 4 and "4" not in pipe.labels and "1" in pipe.labels
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["groups"]) == {"frequent", "rare", "held-out"}
+    held_out = report["groups"]["held-out"]
+    assert held_out["digits"] == [4]
+    for condition in ("no retrieval", "trained retrieval", "training-free retrieval"):
+        assert 0 <= held_out[condition]["class_agreement"] <= 1 and held_out[condition]["nn_distance_ratio"] > 0
+    assert "| held-out [4] | trained retrieval |" in (run / "report.md").read_text()
+    assert PIL.Image.open(run / "grid.png").size[0] > 12 * 32
+    # the same folders serve the command line
+    from diffusers_var.cli import main as cli_main
+
+    cli_main(
+        ["generate", "--model", str(run / "pipeline"), "--datastore", str(run / "datastore"), "--class-labels", "4"]
+        + ["--num-per-class", "2", "--output-dir", str(tmp_path / "samples")]
+    )
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["4_0.png", "4_1.png"]

@@ -40,7 +40,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .evaluation.samples import to_uint8
-from .pipelines.retrieval import DEFAULT_RETRIEVAL_WEIGHT, DEFAULT_TRAINING_FREE_NEIGHBOURS, VARRetrievalPipeline
+from .pipelines.retrieval import (
+    DEFAULT_RETRIEVAL_GUIDANCE_SCALE,
+    DEFAULT_RETRIEVAL_WEIGHT,
+    DEFAULT_TRAINING_FREE_NEIGHBOURS,
+    VARRetrievalPipeline,
+)
 from .pipelines.var import VARPipeline
 from .saving import current_umask
 
@@ -527,7 +532,7 @@ def _datastore_labels(args: argparse.Namespace, pipe: VARRetrievalPipeline, stor
                 f"--class-labels names {name!r} twice; list each label once and set --num-per-class for more samples."
             )
         seen.add(name)
-    _, class_ids = pipe._datastore_labels(store, names, 1)  # the pipeline's check: each is one of the datastore's
+    _, class_ids = pipe.datastore_labels(store, names, 1)  # the pipeline's check: each is one of the datastore's
     num_classes = pipe.transformer.config.num_classes
     labels = []
     for name, class_id in zip(names, class_ids.tolist()):
@@ -583,7 +588,9 @@ def _retrieval_arguments(args: argparse.Namespace, pipe: VARRetrievalPipeline, s
     store.check_tokenizer(pipe.vqvae)
     arguments = {"datastore": store, "num_neighbours": k, "retrieval_mode": mode}
     if mode == "trained":
-        scale = 1.0 if args.retrieval_guidance_scale is None else args.retrieval_guidance_scale
+        scale = (
+            DEFAULT_RETRIEVAL_GUIDANCE_SCALE if args.retrieval_guidance_scale is None else args.retrieval_guidance_scale
+        )
         check_real("--retrieval-guidance-scale", scale, minimum=0, hint=" 1.0 means no guidance.")
         arguments["retrieval_guidance_scale"] = scale
     else:

@@ -31,6 +31,7 @@ _RETRIEVAL_SEED_OFFSET = 0x5EED_0000
 DEFAULT_TRAINING_FREE_NEIGHBOURS = 4
 DEFAULT_RETRIEVAL_WEIGHT = 0.5
 DEFAULT_RETRIEVAL_SMOOTHING = 0.25
+DEFAULT_RETRIEVAL_GUIDANCE_SCALE = 1.0
 
 
 @dataclass
@@ -82,7 +83,7 @@ class VARRetrievalPipeline(VARPipeline):
         retrieval_weight: float | Sequence[float] | None = None,
         retrieval_schedule: str = "constant",
         retrieval_smoothing: float | None = None,
-        retrieval_guidance_scale: float = 1.0,
+        retrieval_guidance_scale: float = DEFAULT_RETRIEVAL_GUIDANCE_SCALE,
         guidance_scale: float = 2.5,
         top_k: int | None = 900,
         top_p: float | None = 0.96,
@@ -147,7 +148,7 @@ class VARRetrievalPipeline(VARPipeline):
                 num_neighbours = (
                     self.transformer.config.num_neighbours if mode == "trained" else DEFAULT_TRAINING_FREE_NEIGHBOURS
                 )
-            names, labels = self._datastore_labels(datastore, class_labels, num_images_per_prompt)
+            names, labels = self.datastore_labels(datastore, class_labels, num_images_per_prompt)
             datastore.check_tokenizer(self.vqvae)
             rows = np.stack(
                 [
@@ -217,7 +218,12 @@ class VARRetrievalPipeline(VARPipeline):
             return self.get_label_ids(name)[0]
         return self.transformer.config.num_classes
 
-    def _datastore_labels(self, datastore, class_labels, num_images_per_prompt: int) -> tuple[list[str], torch.Tensor]:
+    def datastore_labels(
+        self, datastore, class_labels, num_images_per_prompt: int = 1
+    ) -> tuple[list[str], torch.LongTensor]:
+        """The label name and the model's class id of every image (each label repeated ``num_images_per_prompt``
+        times): names must be the datastore's; class ids name the model's classes; a name the model's ``id2label``
+        lacks is the null class (unseen). A ValueError lists the datastore's labels otherwise."""
         check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
         if class_labels is None:
             raise ValueError(
