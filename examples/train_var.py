@@ -81,7 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     retrieval.add_argument("--retrieval_datastore", help="a datastore (diffusers-var index) of the training images")
     retrieval.add_argument("--num_neighbours", type=int, help="k neighbours per sample (default: the model's, or 4)")
     retrieval.add_argument(
-        "--neighbour_dropout_prob", type=float, default=0.1, help="drop a sample's neighbours (guidance on retrieval)"
+        "--neighbour_dropout_prob",
+        type=float,
+        default=None,
+        help="drop a sample's neighbours, for guidance on retrieval (default: the model's, 0.1 for a new one)",
     )
     lora = parser.add_argument_group("LoRA (train adapters only; needs peft)")
     lora.add_argument("--lora_rank", type=int, default=0, help="adapter rank; 0 trains the whole transformer")
@@ -113,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num_neighbours needs --retrieval_datastore (where the neighbours come from)")
     if args.num_neighbours is not None and args.num_neighbours < 1:
         parser.error(f"--num_neighbours must be ≥ 1, got {args.num_neighbours}")
-    if not 0 <= args.neighbour_dropout_prob <= 1:
+    if args.neighbour_dropout_prob is not None and not 0 <= args.neighbour_dropout_prob <= 1:
         parser.error(f"--neighbour_dropout_prob must lie in [0, 1], got {args.neighbour_dropout_prob}")
     if args.retrieval_datastore and args.lora_rank:
         parser.error("--retrieval_datastore trains new retrieval layers: fine-tune fully, without --lora_rank")
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         datastore = RetrievalDatastore.load(args.retrieval_datastore)
         num_neighbours = args.num_neighbours or transformer.config.num_neighbours or 4
         transformer = add_retrieval_layers(transformer, num_neighbours)
-        transformer.config.neighbour_dropout_prob = args.neighbour_dropout_prob
+        if args.neighbour_dropout_prob is not None:
+            transformer.config.neighbour_dropout_prob = args.neighbour_dropout_prob
     transformer.config.class_dropout_prob = args.class_dropout_prob
     transformer.config.label_smoothing = args.label_smoothing
     trainable_parameters = None

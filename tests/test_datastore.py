@@ -103,6 +103,27 @@ def test_image_hash_is_the_pixels_and_size_not_the_file():
     assert len(image_hash(image)) == 64
 
 
+def test_exif_orientation_is_applied_as_datasets_applies_it(tmp_path):
+    """A photo with an EXIF rotation: the datastore hashes, embeds and tokenizes the rotated pixels, the ones a
+    training sample (decoded by datasets) has, so that the sample is excluded from its own neighbours."""
+    from datasets import Image
+
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 24, 3), dtype=np.uint8)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(2):
+            PIL.Image.fromarray(np.roll(pixels, i + 3 * (label == "b"), axis=0)).save(
+                tmp_path / "images" / label / f"{i}.jpg", exif=exif, quality=95
+            )
+    store = build_datastore(str(tmp_path / "images"), "digits-classifier", tmp_path / "store", progress=False)
+    path = tmp_path / "images" / "a" / "0.jpg"
+    as_training_sees_it = Image().decode_example({"path": str(path), "bytes": None})
+    assert as_training_sees_it.size == (32, 24)  # rotated by datasets
+    assert store.dataset[0]["image_hash"] == image_hash(as_training_sees_it)
+
+
 # -- search ----------------------------------------------------------------------------------------------------------
 
 
@@ -263,9 +284,11 @@ def test_token_cache_equals_tokenize_and_is_added_without_embedding_again(built,
     fingerprint = tokenizer_fingerprint(vqvae)
     assert (path / "tokens" / f"{fingerprint}.safetensors").is_file() and len(fingerprint) == 16
 
-    # the fingerprint is the config and weights: a reloaded copy matches, another tokenizer does not
+    # the fingerprint is the config and weights: a reloaded copy matches (in any dtype: generate --dtype bf16 loads
+    # the same tokenizer in bf16), another tokenizer does not
     vqvae.save_pretrained(tmp_path / "vqvae")
     store.check_tokenizer(load_vqvae(tmp_path / "vqvae"))
+    store.check_tokenizer(load_vqvae(tmp_path / "vqvae").to(torch.bfloat16))
     other = tiny_vqvae(seed=1)
     with pytest.raises(ValueError, match=rf"it has: {fingerprint} \(MultiScaleVQVAE, patch_nums \[1, 2, 4\]\)"):
         store.check_tokenizer(other)

@@ -353,3 +353,27 @@ def test_long_tail_recipe_smoke(tmp_path):
         + ["--num-per-class", "2", "--output-dir", str(tmp_path / "samples")]
     )
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["4_0.png", "4_1.png"]
+
+
+def test_guidance_on_class_and_retrieval_combines_the_three_row_groups():
+    from diffusers_var.retrieval import RetrievalConditioning
+
+    pipe = retrieval_pipeline()
+    maps = [torch.zeros(2, 2, p, p, dtype=torch.long) for p in PATCH_NUMS]
+    retrieval = RetrievalConditioning(maps, "trained", guidance_scale=3.0)
+    state = pipe.prepare_sampling_state(torch.tensor([1, 2]), guided=True, retrieval=retrieval)
+    assert state.row_groups == 3 and state.neighbour_mask.tolist() == [True] * 4 + [False] * 2
+    conditional, null_class, no_neighbours = (torch.randn(2, 4, 32, generator=generator(i)) for i in range(3))
+    logits = torch.cat((conditional, null_class, no_neighbours))
+    guided, scheduler_guidance = pipe._guided_logits(state, logits, 1, 2.5, 3.0)
+    t_class, t_retrieval = pipe.scheduler.guidance_weight(1, 2.5), pipe.scheduler.guidance_weight(1, 3.0)
+    expected = conditional + t_class * (conditional - null_class) + t_retrieval * (conditional - no_neighbours)
+    assert scheduler_guidance == 1.0 and t_class != t_retrieval
+    torch.testing.assert_close(guided, expected)
+    # guidance on the class switched off mid-call: retrieval guidance alone
+    guided, _ = pipe._guided_logits(state, logits, 1, 1.0, 3.0)
+    torch.testing.assert_close(guided, conditional + t_retrieval * (conditional - no_neighbours))
+    # retrieval guidance cannot start mid-call: there are no rows without neighbours
+    plain_state = pipe.prepare_sampling_state(torch.tensor([1, 2]), guided=True)
+    with pytest.raises(ValueError, match="retrieval_guidance_scale must stay 1.0"):
+        pipe.sample_next_scale(plain_state, 2.5, retrieval_guidance_scale=2.0)

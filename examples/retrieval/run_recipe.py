@@ -300,12 +300,35 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+ARGUMENTS_FILE = "recipe_arguments.json"  # marks the folder as this recipe's, and what its data and model are
+# what the data, datastore and model depend on: a rerun with other values must not reuse them
+_OUTPUT_DEFINING = ("holdout_class", "rare_classes", "rare_fraction", "num_neighbours", "max_train_steps", "seed")
+
+
+def claim_output_dir(work: Path, args: argparse.Namespace) -> None:
+    """Make ``work`` this run's folder: new or empty, or made by this recipe with the same arguments (it then
+    resumes). Anything else is refused, so that no one's files are overwritten and no stale step is reused."""
+    defining = {name: getattr(args, name) for name in _OUTPUT_DEFINING} | {"smoke": args.smoke}
+    marker = work / ARGUMENTS_FILE
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        changed = {k: (recorded.get(k), v) for k, v in defining.items() if recorded.get(k) != v}
+        if changed:
+            described = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())
+            raise SystemExit(f"error: {work} holds a run with other arguments ({described}); use a new --output-dir.")
+        return
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"error: {work} is not empty and was not made by this recipe; use a new --output-dir.")
+    work.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(marker, json.dumps(defining, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.update(OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
     work = Path(args.output_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(work, args)
     log = {"arguments": vars(args), "steps": []}
     started = time.perf_counter()
 

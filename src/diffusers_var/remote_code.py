@@ -43,7 +43,13 @@ REMOTE_FILES: dict[str, tuple[str, ...]] = {
         "models/vqvae.py",
     ),
     "scheduling_var.py": ("validation.py", "schedulers/scale.py"),
-    "pipeline_var.py": ("validation.py", "pipelines/state.py", "pipelines/var.py"),
+    "pipeline_var.py": (
+        "validation.py",
+        "retrieval/mixing.py",
+        "retrieval/conditioning.py",
+        "pipelines/state.py",
+        "pipelines/var.py",
+    ),
 }
 # component folder → (generated module, class); the pipeline itself is (module, class) at the root
 REMOTE_COMPONENTS = {

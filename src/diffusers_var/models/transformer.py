@@ -491,7 +491,10 @@ class VARTransformer(VARPreTrainedModel):
         return neighbour_mask & kept
 
     def neighbour_keys_values(
-        self, neighbour_codes: torch.Tensor, neighbour_mask: torch.BoolTensor | None = None
+        self,
+        neighbour_codes: torch.Tensor,
+        neighbour_mask: torch.BoolTensor | None = None,
+        batch_size: int | None = None,
     ) -> VARNeighbours:
         """The neighbours' keys and values per scale, each (B, H, k·pn², d), that every block's retrieval attention
         reads, for ``neighbour_codes`` (B, k, L, Cvae): the codebook vectors of k retrieved images' tokens at every
@@ -512,6 +515,11 @@ class VARTransformer(VARPreTrainedModel):
                 f"neighbour_codes must have shape (B, k, {self.num_tokens}, {self.config.latent_channels}) (k ≥ 1 "
                 f"neighbours, every position of patch_nums={self.patch_nums}, Cvae), got "
                 f"{tuple(neighbour_codes.shape)}."
+            )
+        if batch_size is not None and batch != batch_size:
+            raise ValueError(
+                f"neighbour_codes hold neighbours for {batch} rows, but the batch has {batch_size}: give each row its "
+                "own (B, k, L, Cvae)."
             )
         if neighbour_mask is None:
             neighbour_mask = torch.ones(batch, dtype=torch.bool, device=neighbour_codes.device)
@@ -606,7 +614,9 @@ class VARTransformer(VARPreTrainedModel):
             if neighbour_codes is not None:
                 if neighbour_mask is None:
                     neighbour_mask = torch.ones(class_labels.shape[0], dtype=torch.bool, device=hidden.device)
-                neighbours = self.neighbour_keys_values(neighbour_codes, self.drop_neighbours(neighbour_mask))
+                neighbours = self.neighbour_keys_values(
+                    neighbour_codes, self.drop_neighbours(neighbour_mask), class_labels.shape[0]
+                )
             neighbour_scales = [(si, begin, end) for si, (begin, end) in enumerate(self.begin_ends)]
         else:
             if labels is not None:
@@ -616,7 +626,7 @@ class VARTransformer(VARPreTrainedModel):
             hidden = self._scale_tokens(condition, next_scale_inputs, kv_cache, scale_index)
             mask = None  # a scale sees all of itself and every cached coarser scale
             if neighbour_codes is not None and kv_cache.neighbours is None:
-                kv_cache.neighbours = self.neighbour_keys_values(neighbour_codes, neighbour_mask)
+                kv_cache.neighbours = self.neighbour_keys_values(neighbour_codes, neighbour_mask, class_labels.shape[0])
             neighbours = kv_cache.neighbours
             neighbour_scales = [(scale_index, 0, hidden.shape[1])]
         modulation = self._modulation(condition)

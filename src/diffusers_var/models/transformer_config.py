@@ -23,8 +23,8 @@ class VARConfig(PretrainedConfig):
         initializer_range: std of the truncated-normal init; ``None`` means sqrt(1 / (3·embed_dim)).
         init_adaln, init_adaln_gamma, init_head: scales of the AdaLN, AdaLN gates and head at init.
         num_neighbours: retrieval conditioning (after Re-Imagen): 0 (default) is the plain VAR model; k > 0 adds, in
-            every block, attention from the sequence to the token pyramids of k retrieved real images (their code
-            embeddings at every scale, with the scale and position codes). Its output gates start at zero, so a new
+            every block, attention from each scale's positions to the codes of k retrieved real images at that scale
+            (their code embeddings, with the scale and position codes). Its output gates start at zero, so a new
             retrieval model starts as the plain one, and without neighbours it *is* the plain one.
         neighbour_dropout_prob: in training, the chance that a sample's neighbours are all dropped (the model then
             learns the plain task too, which guidance on retrieval contrasts against).

@@ -16,13 +16,16 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import logging
 
 from ..retrieval.conditioning import RETRIEVAL_MODES, RetrievalConditioning
 from ..retrieval.mixing import RETRIEVAL_SCHEDULES
-from ..validation import check_integer
+from ..validation import check_generator, check_integer
 from .image_inputs import ImageInput, prepare_images
 from .state import VARSamplingState
 from .var import VARPipeline, VARPipelineOutput
+
+logger = logging.get_logger(__name__)
 
 # seed domain of the neighbour draws: retrieval never consumes the sampling generator, so λ = 0 (or no neighbours)
 # keeps the plain call's tokens
@@ -106,7 +109,8 @@ class VARRetrievalPipeline(VARPipeline):
         Args:
             class_labels: with a ``datastore``, its label names (str) or the model's class ids; a name the model's
                 ``id2label`` lacks is an unseen class, drawn with the null class from its neighbours alone. With
-                ``reference_images``, the model's class ids or names, or ``None`` (unconditional).
+                ``reference_images``, the model's class ids or names (a ``None`` entry: unconditional), or ``None``
+                for random classes, as in :meth:`VARPipeline.__call__`.
             datastore: a :class:`~diffusers_var.retrieval.RetrievalDatastore` tokenized with this pipeline's
                 tokenizer: each image gets ``num_neighbours`` examples of its label, drawn from a generator derived
                 from ``generator`` (the sampling draws stay those of a plain call).
@@ -150,6 +154,7 @@ class VARRetrievalPipeline(VARPipeline):
                 )
             names, labels = self.datastore_labels(datastore, class_labels, num_images_per_prompt)
             datastore.check_tokenizer(self.vqvae)
+            check_generator(generator, len(names))
             rows = np.stack(
                 [
                     datastore.examples_of(name, num_neighbours, generator=g)
@@ -246,13 +251,19 @@ class VARRetrievalPipeline(VARPipeline):
                 f"The datastore has no label(s) {unknown}; it has {datastore.label_names[:10]}"
                 f"{' …' if len(datastore.label_names) > 10 else ''}. Add their images with diffusers-var index."
             )
+        if not self.labels and any(isinstance(entry, str) for entry in entries):
+            logger.warning(
+                "This pipeline has no class names (id2label), so every datastore label is drawn as an unseen class "
+                "(the null class and its neighbours alone). Build it with **pipe.parameters, or set_id2label(...)."
+            )
         names = [n for n in names for _ in range(num_images_per_prompt)]
         labels = torch.tensor([self.model_class_of(n) for n in names])
         return names, labels
 
     @staticmethod
     def _retrieval_generators(generator, count: int) -> list[torch.Generator]:
-        """One CPU generator per image for the neighbour draws, derived from (never drawn from) ``generator``."""
+        """One CPU generator per image for the neighbour draws, derived from (never drawn from) ``generator``; without
+        one, a seed from the global RNG (as a call without a generator draws everything from it)."""
         if isinstance(generator, (list, tuple)):
             return [torch.Generator().manual_seed(g.initial_seed() + _RETRIEVAL_SEED_OFFSET) for g in generator]
         seed = generator.initial_seed() if generator is not None else int(torch.randint(2**62, (1,)))

@@ -64,7 +64,7 @@ class VARSamplingState:
 
     @property
     def row_groups(self) -> int:
-        """How many transformer rows each sample has: 1, 2 with guidance, 3 with guidance on class and retrieval."""
+        """How many transformer rows each sample has: 1; 2 with guidance on the class or on retrieval; 3 with both."""
         return self.model_labels.shape[0] // max(self.batch_size, 1)
 
     @property

@@ -303,6 +303,11 @@ class VARPipeline(DiffusionPipeline):
         si = state.scale_index
         if si >= self.scheduler.num_scales:
             raise ValueError(f"The state has all {si} scales already.")
+        if retrieval_guidance_scale != 1.0 and not state.retrieval_guided:
+            raise ValueError(
+                "retrieval_guidance_scale must stay 1.0 in a call that started without guidance on retrieval (there "
+                "are no rows without neighbours to guide with); start it with retrieval_guidance_scale != 1."
+            )
         if guidance_scale != 1.0 and not state.class_guided:
             raise ValueError(
                 "guidance_scale must stay 1.0 in a call that started without guidance (there are no unconditional "

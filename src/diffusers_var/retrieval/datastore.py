@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from tqdm.auto import tqdm
 
@@ -121,8 +122,12 @@ def tokenizer_fingerprint(vqvae) -> str:
     config = {key: value for key, value in dict(vqvae.config).items() if not key.startswith("_")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode("utf-8"))
     for name, tensor in state.items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        # rounded to bfloat16 whatever the loaded dtype: the same tokenizer loaded in bf16 (generate --dtype bf16)
+        # reads the token maps its float32 weights made (an fp16 copy matches too unless double rounding moves a
+        # weight; its codes can differ from fp32's in rare near-ties anyway)
+        tensor = tensor.detach().cpu()
+        tensor = (tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     fingerprint = digest.hexdigest()[:16]
     _FINGERPRINTS[vqvae] = (version, fingerprint)
@@ -299,7 +304,9 @@ def _dataset_images(dataset, description: str, image_column: str, label_column: 
 
 def _decode(data: bytes, source: str) -> PIL.Image.Image:
     try:
-        image = PIL.Image.open(io.BytesIO(data))
+        # EXIF orientation applied, as datasets' Image feature decodes it: the hash, the embedding and the cached
+        # tokens must all see the pixels that training and sampling see
+        image = PIL.ImageOps.exif_transpose(PIL.Image.open(io.BytesIO(data)))
         return image.convert("RGB")
     except (OSError, PIL.UnidentifiedImageError) as error:
         raise ValueError(f"{source}: cannot read this image ({error}); remove or replace it, then rerun.") from error

@@ -67,8 +67,11 @@ def retrieved_token_distribution(
         ```
     """
     check_real("retrieval_smoothing", smoothing, minimum=0, hint=" 0 counts the same position only.")
-    batch, _, height, width = neighbour_maps.shape
-    counts = F.one_hot(neighbour_maps, vocab_size).sum(1).permute(0, 3, 1, 2).float()  # (B, V, pn, pn)
+    batch, k, height, width = neighbour_maps.shape
+    # counts scattered straight into (B, V, pn²): a one-hot of (B, k, pn, pn, V) would be gigabytes at V = 4096
+    counts = torch.zeros(batch, vocab_size, height * width, device=neighbour_maps.device)
+    counts.scatter_add_(1, neighbour_maps.flatten(2).long(), torch.ones(batch, k, height * width, device=counts.device))
+    counts = counts.view(batch, vocab_size, height, width)
     if smoothing > 0 and height > 1:
         kernel = torch.full((3, 3), float(smoothing), device=counts.device)
         kernel[1, 1] = 1.0

@@ -234,6 +234,7 @@ class VARScaleScheduler(SchedulerMixin, ConfigMixin):
         top_k_top_p_filter_(logits, top_k=top_k, top_p=top_p)
         probs = logits.softmax(dim=-1)
         if retrieval_weight:
+            check_real("retrieval_weight", retrieval_weight, minimum=0, maximum=1, hint=" It mixes two distributions.")
             if retrieval_probs is None or retrieval_probs.shape != probs.shape:
                 got = None if retrieval_probs is None else tuple(retrieval_probs.shape)
                 raise ValueError(f"retrieval_probs must have shape {tuple(probs.shape)} (B, pn², V), got {got}.")
