@@ -21,7 +21,7 @@ from diffusers_var.cli import main as cli_main
 from diffusers_var.pipelines.retrieval import VARRetrievalPipeline
 
 DIGITS_PATCH_NUMS, DIGITS_VOCAB = (1, 2, 3, 4, 6, 8), 256  # var-digits' tokenizer
-STORE_LABELS = {"3": 6, "7": 6, "zebra crossing": 5}  # "zebra crossing" is no class of var-digits
+STORE_LABELS = {"3": 6, "7": 6, "zebra crossing": 6}  # "zebra crossing" is no class of var-digits
 FILES = [f"{stem}_{i}.png" for stem in ("3", "7", "zebra_crossing") for i in range(2)]
 
 
@@ -50,6 +50,14 @@ class FakeDatastore:
         if k > len(rows):
             raise ValueError(f"k={k} is more than the {len(rows)} images of label {name!r}.")
         return rows[torch.randperm(len(rows), generator=generator)[:k].numpy()]
+
+    def neighbourhood(self, name: str, k: int, row=None, generator=None) -> np.ndarray:
+        rows = np.array([row for row, label in enumerate(self.labels) if label == name])
+        anchor = int(torch.randint(len(rows), (1,), generator=generator))
+        others = np.delete(rows, anchor)
+        if k > len(others):
+            raise ValueError(f"k={k} is more than the {len(others)} images of label {name!r} (1 excluded).")
+        return others[:k]
 
     def token_maps(self, vqvae, rows) -> list[torch.LongTensor]:
         self.check_tokenizer(vqvae)
@@ -101,7 +109,7 @@ def plain_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retrieval_run(tmp_path_factory):
-    """Every label of the datastore, with the default λ = 0.5: (folder, stdout)."""
+    """Every label of the datastore, with the default λ: (folder, stdout)."""
     folder = tmp_path_factory.mktemp("retrieval")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(generate_module, "_load_datastore", load_datastore)
@@ -120,7 +128,7 @@ def test_files_are_named_by_label_and_unseen_labels_are_announced(retrieval_run,
     assert written_by_us(folder / "zebra_crossing_0.png")
     with PIL.Image.open(folder / "zebra_crossing_1.png") as image:
         assert image.getexif()[0x010E] == "var-digits label='zebra crossing' index=1 seed=5"
-    # λ = 0.5 moves the images of known labels away from plain sampling's (the same seeds)
+    # the default λ moves the images of known labels away from plain sampling's (the same seeds)
     assert any(not np.array_equal(pixels(folder / n), pixels(plain_dir / n)) for n in FILES[:4])
 
 
@@ -231,11 +239,12 @@ def test_progressive_ends_with_the_sample(retrieval_run, tmp_path):
         (["--retrieval-weight", "nan"], "--retrieval-weight must be finite"),
         (
             ["--num-neighbours", "6"],
-            "label 'zebra crossing' has only 5 image(s) in fake-store; pass --num-neighbours 5",
+            "label '3' has only 6 image(s) in fake-store (one is the anchor the neighbours are near); pass "
+            "--num-neighbours 5 or less",
         ),
         (["--datastore", "other-tokenizer"], "fake-store has no cached token maps for this tokenizer"),
         (["--retrieval-mode", "trained"], "--retrieval-mode trained needs a model trained with retrieval attention"),
-        (["--retrieval-guidance-scale", "2"], "--retrieval-guidance-scale belongs to --retrieval-mode trained"),
+        (["--retrieval-guidance-scale", "2"], "--retrieval-guidance-scale belongs to --retrieval-mode trained or"),
         (["--rejection-classifier", "digits-classifier"], "--datastore and --rejection-classifier do not combine"),
         (["--output-npz", "x.npz"], "the model has none for 'zebra crossing'; write those labels with --output-dir"),
         (["--datastore", "unsafe-names", "--output-dir", "out"], "'a b' and 'a_b' would both write a_b_<index>.png"),
@@ -285,7 +294,7 @@ def test_label_names_become_safe_distinct_file_names():
             check_distinct_files(labels(*pair))
 
 
-def test_trained_mode_is_the_default_for_a_model_with_retrieval_attention(tmp_path, monkeypatch, capsys):
+def test_combined_mode_is_the_default_for_a_model_with_retrieval_attention(tmp_path, monkeypatch, capsys):
     model = tmp_path / "model"
     tiny_pipeline(num_neighbours=2).save_pretrained(model)
     seen = []
@@ -299,23 +308,24 @@ def test_trained_mode_is_the_default_for_a_model_with_retrieval_attention(tmp_pa
     args = ["generate", "--model", str(model), "--datastore", "tiny-store", "--num-per-class", "1"]
     cli_main([*args, "--retrieval-guidance-scale", "1.5", "--output-dir", str(tmp_path / "out")])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["digit_3_0.png", "digit_5_0.png"]
-    assert {k: seen[0][k] for k in ("num_neighbours", "retrieval_mode", "retrieval_guidance_scale")} == {
-        "num_neighbours": 2, "retrieval_mode": "trained", "retrieval_guidance_scale": 1.5,
+    keys = ("num_neighbours", "retrieval_mode", "retrieval_guidance_scale", "retrieval_weight")
+    assert {k: seen[0][k] for k in keys} == {
+        "num_neighbours": 2, "retrieval_mode": "combined", "retrieval_guidance_scale": 1.5, "retrieval_weight": 0.8,
     }  # fmt: skip
-    assert "retrieval_weight" not in seen[0]
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main([*args, "--retrieval-weight", "0.5", "--output", str(tmp_path / "g.png")])
+    with pytest.raises(SystemExit) as exit_info:  # the attention alone has no λ
+        cli_main(
+            [*args, "--retrieval-mode", "trained", "--retrieval-weight", "0.5", "--output", str(tmp_path / "g.png")]
+        )
     assert exit_info.value.code == 2 and len(seen) == 1  # refused before any sampling
-    assert "--retrieval-weight is λ of --retrieval-mode training_free" in capsys.readouterr().err
+    assert "--retrieval-weight is λ of --retrieval-mode training_free or combined" in capsys.readouterr().err
 
 
 def test_a_real_datastore(tmp_path, capsys):
     """The same command on a datastore built by diffusers-var index (FAISS, a feature model, cached token maps)."""
-    pytest.importorskip("faiss")
     from diffusers_var.retrieval import build_datastore
 
     rng = np.random.default_rng(0)
-    for label, count in (("3", 4), ("zebra crossing", 4)):
+    for label, count in (("3", 5), ("zebra crossing", 5)):  # 4 neighbours (the default) and the anchor
         (tmp_path / "images" / label).mkdir(parents=True)
         for i in range(count):
             PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(

@@ -185,16 +185,16 @@ def test_training_free_lambda_zero_is_plain_sampling_and_lambda_one_copies_the_n
 def test_trained_mode_uses_the_neighbours_and_guides_on_retrieval():
     pipe = retrieval_pipeline()
     references = images_01(2, seed=4)
-    assert pipe.default_retrieval_mode() == "trained"
+    assert pipe.default_retrieval_mode() == "combined"
     closed = retrieval_pipeline(open_gates=False)
     with torch.no_grad():
         for block in closed.transformer.blocks:
             block.neighbour_attn.gate.zero_()
     without = VARPipeline(**closed.components)([1, 2], generator=generator(0))
-    off = closed([1, 2], reference_images=references, generator=generator(0))
+    off = closed([1, 2], reference_images=references, retrieval_mode="trained", generator=generator(0))
     assert all(torch.equal(a, b) for a, b in zip(without.token_maps, off.token_maps))  # zero gates: the plain model
     plain = VARPipeline(**pipe.components)([1, 2], generator=generator(0))  # the same model, no neighbours
-    trained = pipe([1, 2], reference_images=references, generator=generator(0))
+    trained = pipe([1, 2], reference_images=references, retrieval_mode="trained", generator=generator(0))
     assert trained.retrieval_mode == "trained"
     assert not all(torch.equal(a, b) for a, b in zip(plain.token_maps, trained.token_maps))
     # guidance on retrieval adds a group of rows without neighbours; the loop still branches states (select)
@@ -208,6 +208,7 @@ def test_trained_mode_uses_the_neighbours_and_guides_on_retrieval():
     guided = pipe(
         [1, 2],
         reference_images=references,
+        retrieval_mode="trained",
         retrieval_guidance_scale=3.0,
         generator=generator(0),
         state_callback=keep_second,
@@ -246,10 +247,10 @@ def test_datastore_sampling_unseen_label_and_neighbour_exclusion_in_training(tmp
 
     with pytest.raises(ValueError, match="no label\\(s\\) \\['horse'\\]"):
         pipe(["horse"], datastore=store)
-    with pytest.raises(ValueError, match="5"):
-        pipe(["3"], datastore=store, num_neighbours=6)  # more than the label has
-    with pytest.raises(ValueError, match="retrieval_weight and retrieval_smoothing belong to"):
-        pipe(["3"], datastore=store, retrieval_weight=0.5)
+    with pytest.raises(ValueError, match="k=6 is more than the 4 images of label '3' \\(1 excluded\\)"):
+        pipe(["3"], datastore=store, num_neighbours=6)  # more than the label has besides the anchor
+    with pytest.raises(ValueError, match="retrieval_weight, retrieval_smoothing and retrieval_sharpness belong to"):
+        pipe(["3"], datastore=store, retrieval_mode="trained", retrieval_weight=0.5)
     with pytest.raises(ValueError, match="needs retrieval_mode='trained'"):
         pipe(["3"], datastore=store, retrieval_mode="training_free", retrieval_guidance_scale=2.0)
     with pytest.raises(ValueError, match="retrieval_mode must be one of"):
@@ -341,7 +342,7 @@ def test_long_tail_recipe_smoke(tmp_path):
     assert set(report["groups"]) == {"frequent", "rare", "held-out"}
     held_out = report["groups"]["held-out"]
     assert held_out["digits"] == [4]
-    for condition in ("no retrieval", "trained retrieval", "training-free retrieval"):
+    for condition in ("no retrieval", "trained retrieval", "training-free retrieval", "combined retrieval"):
         assert 0 <= held_out[condition]["class_agreement"] <= 1 and held_out[condition]["nn_distance_ratio"] > 0
     assert "| held-out [4] | trained retrieval |" in (run / "report.md").read_text()
     assert PIL.Image.open(run / "grid.png").size[0] > 12 * 32
@@ -377,3 +378,21 @@ def test_guidance_on_class_and_retrieval_combines_the_three_row_groups():
     plain_state = pipe.prepare_sampling_state(torch.tensor([1, 2]), guided=True)
     with pytest.raises(ValueError, match="retrieval_guidance_scale must stay 1.0"):
         pipe.sample_next_scale(plain_state, 2.5, retrieval_guidance_scale=2.0)
+
+
+def test_combined_mode_attends_and_mixes():
+    pipe = retrieval_pipeline()
+    references = images_01(2, seed=4)
+    trained = pipe([1, 2], reference_images=references, retrieval_mode="trained", generator=generator(0))
+    zero = pipe(
+        [1, 2], reference_images=references, retrieval_mode="combined", retrieval_weight=0.0, generator=generator(0)
+    )
+    assert zero.retrieval_mode == "combined"
+    assert all(torch.equal(a, b) for a, b in zip(trained.token_maps, zero.token_maps))  # λ = 0: attention alone
+    one = pipe(
+        [1, 2], reference_images=references[:1], retrieval_mode="combined", retrieval_weight=1.0, generator=generator(0)
+    )
+    reference_tokens = pipe.vqvae.tokenize(references[:1] * 2 - 1)
+    assert all(torch.equal(a, b.expand_as(a)) for a, b in zip(one.token_maps, reference_tokens))
+    with pytest.raises(ValueError, match="retrieval_mode='combined' needs a transformer trained with retrieval"):
+        VARRetrievalPipeline(**tiny_pipeline().components)([1], reference_images=references, retrieval_mode="combined")

@@ -16,9 +16,10 @@ interrupted run restarts where it stopped):
    ``DIR/data/train`` (9 classes; the class names are the digits, so C is a name its id2label lacks), every sample
    attending to k other real images of its class, never itself. One model serves both retrieval modes; with
    retrieval off it is the plain model.
-4. evaluation: for every digit, samples with the seeds (seed, class, index) under three conditions: no retrieval
-   (class C: the null class, i.e. unconditional, which is all the plain model can do), trained retrieval and
-   training-free retrieval (both at the pipeline's defaults), then per group (frequent, rare, held-out):
+4. evaluation: for every digit, samples with the seeds (seed, class, index) under four conditions: no retrieval
+   (class C: the null class, i.e. unconditional, which is all the plain model can do), and retrieval in each mode
+   (trained: the attention alone; training-free: the mixing alone; combined: both), each at the pipeline's
+   defaults otherwise, then per group (frequent, rare, held-out):
 
    - class agreement: the share an independent classifier (examples/digits/evaluate.py's SVC on the real training
      digits, all ten classes) reads as the asked digit;
@@ -60,7 +61,8 @@ from diffusers_var.hub import atomic_directory  # noqa: E402
 from diffusers_var.pretrained import bundled_model_path  # noqa: E402
 from diffusers_var.saving import write_text_atomically  # noqa: E402
 
-CONDITIONS = ("no retrieval", "trained retrieval", "training-free retrieval")
+CONDITIONS = ("no retrieval", "trained retrieval", "training-free retrieval", "combined retrieval")
+MODES = {"trained retrieval": "trained", "training-free retrieval": "training_free", "combined retrieval": "combined"}
 DIGITS = [str(d) for d in range(10)]
 
 
@@ -71,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rare-fraction", type=float, default=0.05, help="share of a rare class's images kept")
     parser.add_argument("--output-dir", required=True, help="writes pipeline/, datastore/, data/ and the reports")
     parser.add_argument("--num-neighbours", type=int, default=4)
-    parser.add_argument("--max-train-steps", type=int, default=1500)
+    parser.add_argument("--max-train-steps", type=int, default=1200)
     parser.add_argument("--num-per-class", type=int, default=50, help="samples per digit and condition")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -129,7 +131,7 @@ def commands(args, work: Path) -> list[tuple[str, Path, list[str]]]:
     train = [sys.executable, str(EXAMPLES / "train_var.py"), "--model_config", str(config)]
     train += ["--vqvae_name_or_path", tokenizer, "--train_data_dir", str(work / "data" / "train")]
     train += ["--retrieval_datastore", str(work / "datastore"), "--num_neighbours", str(args.num_neighbours)]
-    train += ["--neighbour_dropout_prob", "0.1", "--class_dropout_prob", "0.3", "--output_dir", str(work / "pipeline")]
+    train += ["--neighbour_dropout_prob", "0.1", "--class_dropout_prob", "0.5", "--output_dir", str(work / "pipeline")]
     train += ["--no_scale_lr", "--lr_scheduler", "cosine", "--center_crop", "--seed", str(args.seed)]
     train += ["--learning_rate", "1e-3", "--lr_warmup_steps", str(min(200, args.max_train_steps // 5))]
     train += ["--train_batch_size", "8" if args.smoke else "64", "--max_train_steps", str(args.max_train_steps)]
@@ -167,10 +169,8 @@ def sample_all(pipe, datastore, num_per_class: int, seed: int) -> dict[str, dict
         known = name in pipe.labels
         plain_labels = [name] * num_per_class if known else [None] * num_per_class
         samples["no retrieval"][digit] = pipe(plain_labels, generator=generators()).images
-        trained = pipe.retrieval(name, num_per_class, datastore, generators(), "trained")
-        samples["trained retrieval"][digit] = trained.images
-        free = pipe.retrieval(name, num_per_class, datastore, generators(), "training_free")
-        samples["training-free retrieval"][digit] = free.images
+        for condition, mode in MODES.items():
+            samples[condition][digit] = pipe.retrieval(name, num_per_class, datastore, generators(), mode).images
         print(f"digit {digit}: {'class + ' if known else 'unseen, '}{num_per_class} samples per condition", flush=True)
     return samples
 
@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.output_dir)
     claim_output_dir(work, args)
     log = {"arguments": vars(args), "steps": []}
+    if (work / "recipe_log.json").is_file():  # a resumed run: keep the times of the steps the first one did
+        log["steps"] = json.loads((work / "recipe_log.json").read_text()).get("steps", [])
     started = time.perf_counter()
 
     def timed(name: str, run) -> None:

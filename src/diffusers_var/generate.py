@@ -47,6 +47,7 @@ from .pipelines.retrieval import (
     VARRetrievalPipeline,
 )
 from .pipelines.var import VARPipeline
+from .retrieval.conditioning import RETRIEVAL_MODES
 from .saving import current_umask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -403,23 +404,23 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str | None = D
         type=_positive_int,
         default=None,
         metavar="K",
-        help="real images each sample is conditioned on (default: the model's num_neighbours in trained mode, else "
+        help="real images each sample is conditioned on (default: the model's num_neighbours when it attends, else "
         f"{DEFAULT_TRAINING_FREE_NEIGHBOURS})",
     )
     retrieval.add_argument(
         "--retrieval-mode",
-        choices=("trained", "training_free"),
+        choices=RETRIEVAL_MODES,
         default=None,
         help="trained: the model's retrieval attention; training_free: mix each scale's distribution with the "
-        "neighbours' codes, for any model (default: trained when the model has retrieval attention, else "
-        "training_free)",
+        "neighbours' codes, for any model; combined: both (default: combined when the model has retrieval "
+        "attention, else training_free)",
     )
     retrieval.add_argument(
         "--retrieval-weight",
         type=float,
         default=None,
         metavar="λ",
-        help="training_free: λ in (1 − λ)·p_model + λ·p_retrieved, in [0, 1]; 0 = plain sampling "
+        help="training_free and combined: λ in (1 − λ)·p_model + λ·p_retrieved, in [0, 1]; 0 = plain sampling "
         f"(default: {DEFAULT_RETRIEVAL_WEIGHT})",
     )
     retrieval.add_argument(
@@ -558,42 +559,44 @@ def _retrieval_arguments(args: argparse.Namespace, pipe: VARRetrievalPipeline, s
     from .validation import check_real
 
     mode = args.retrieval_mode or pipe.default_retrieval_mode()
-    if mode == "trained":
-        if not pipe.transformer.has_retrieval:
-            raise ValueError(
-                f"--retrieval-mode trained needs a model trained with retrieval attention; {args.model} has none. "
-                "Use --retrieval-mode training_free (any model)."
-            )
-        if args.retrieval_weight is not None:
-            raise ValueError(
-                "--retrieval-weight is λ of --retrieval-mode training_free; this run is in trained mode (the model's "
-                "retrieval attention), which has --retrieval-guidance-scale. Drop it, or add --retrieval-mode "
-                "training_free."
-            )
-    elif args.retrieval_guidance_scale is not None:
+    attends, mixes = mode in ("trained", "combined"), mode in ("training_free", "combined")
+    if attends and not pipe.transformer.has_retrieval:
         raise ValueError(
-            "--retrieval-guidance-scale belongs to --retrieval-mode trained; this run is training_free, which has "
-            "--retrieval-weight."
+            f"--retrieval-mode {mode} needs a model trained with retrieval attention; {args.model} has none. "
+            "Use --retrieval-mode training_free (any model)."
         )
-    default_k = pipe.transformer.config.num_neighbours if mode == "trained" else DEFAULT_TRAINING_FREE_NEIGHBOURS
+    if not mixes and args.retrieval_weight is not None:
+        raise ValueError(
+            "--retrieval-weight is λ of --retrieval-mode training_free or combined; this run is in trained mode (the "
+            "model's retrieval attention alone), which has --retrieval-guidance-scale. Drop it, or add "
+            "--retrieval-mode combined."
+        )
+    if not attends and args.retrieval_guidance_scale is not None:
+        raise ValueError(
+            "--retrieval-guidance-scale belongs to --retrieval-mode trained or combined; this run is training_free, "
+            "which has --retrieval-weight."
+        )
+    default_k = pipe.transformer.config.num_neighbours if attends else DEFAULT_TRAINING_FREE_NEIGHBOURS
     k = args.num_neighbours or default_k
+    # the neighbours are an anchor image's k nearest of its label, the anchor excluded: k + 1 images needed
     counts = {label.label: store.count(label.label) for label in labels}
     fewest = min(counts, key=counts.get)
-    if counts[fewest] < k:
+    if counts[fewest] < k + 1:
         raise ValueError(
             f"{k} neighbours per image{' (the default)' if args.num_neighbours is None else ''}, but label "
-            f"{fewest!r} has only {counts[fewest]} image(s) in {args.datastore}; pass --num-neighbours "
-            f"{counts[fewest]} or less, or add images with diffusers-var index."
+            f"{fewest!r} has only {counts[fewest]} image(s) in {args.datastore} (one is the anchor the neighbours "
+            f"are near); pass --num-neighbours {max(counts[fewest] - 1, 0)} or less, or add images with "
+            "diffusers-var index."
         )
     store.check_tokenizer(pipe.vqvae)
     arguments = {"datastore": store, "num_neighbours": k, "retrieval_mode": mode}
-    if mode == "trained":
+    if attends:
         scale = (
             DEFAULT_RETRIEVAL_GUIDANCE_SCALE if args.retrieval_guidance_scale is None else args.retrieval_guidance_scale
         )
         check_real("--retrieval-guidance-scale", scale, minimum=0, hint=" 1.0 means no guidance.")
         arguments["retrieval_guidance_scale"] = scale
-    else:
+    if mixes:
         weight = DEFAULT_RETRIEVAL_WEIGHT if args.retrieval_weight is None else args.retrieval_weight
         check_real("--retrieval-weight", weight, 0, 1, hint=" It is λ in (1 − λ)·p_model + λ·p_retrieved.")
         arguments["retrieval_weight"] = weight

@@ -29,7 +29,8 @@ class VARSamplingState:
             where the mask is True (zero-shot in-painting keeps the input's tokens there). ``None``: sample all.
         neighbour_token_maps: training-free retrieval: per scale (B, k, pn, pn), the retrieved images' codes, whose
             distribution each scale's draw is mixed with (weights ``retrieval_weights``, one λ per scale, and
-            spatial ``retrieval_smoothing``). ``None``: no mixing.
+            spatial ``retrieval_smoothing``; ``retrieval_sharpness`` lets the neighbours that agree with the tokens so
+            far count more). ``None``: no mixing.
         neighbour_codes, neighbour_mask: trained retrieval: the code embeddings (rows of ``model_labels``, k, L,
             Cvae) the transformer encodes at the first scale (then kept in the KV cache, and dropped here), and
             which model rows use them.
@@ -49,6 +50,7 @@ class VARSamplingState:
     neighbour_token_maps: list[torch.LongTensor] | None = None
     retrieval_weights: list[float] | None = None
     retrieval_smoothing: float = 0.0
+    retrieval_sharpness: float = 0.0
     neighbour_codes: torch.Tensor | None = None
     neighbour_mask: torch.BoolTensor | None = None
     retrieval_guided: bool = False
@@ -103,6 +105,7 @@ class VARSamplingState:
             neighbour_token_maps=_rows(self.neighbour_token_maps, rows),
             retrieval_weights=self.retrieval_weights,
             retrieval_smoothing=self.retrieval_smoothing,
+            retrieval_sharpness=self.retrieval_sharpness,
             neighbour_codes=None if self.neighbour_codes is None else self.neighbour_codes[model_rows],
             neighbour_mask=None if self.neighbour_mask is None else self.neighbour_mask[model_rows],
             retrieval_guided=self.retrieval_guided,
@@ -124,6 +127,7 @@ class VARSamplingState:
             neighbour_token_maps=_rows(self.neighbour_token_maps, None),
             retrieval_weights=self.retrieval_weights,
             retrieval_smoothing=self.retrieval_smoothing,
+            retrieval_sharpness=self.retrieval_sharpness,
             neighbour_codes=None if self.neighbour_codes is None else self.neighbour_codes.clone(),
             neighbour_mask=None if self.neighbour_mask is None else self.neighbour_mask.clone(),
             retrieval_guided=self.retrieval_guided,

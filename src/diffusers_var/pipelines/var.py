@@ -20,7 +20,7 @@ from ..models.vqvae import MultiScaleVQVAE
 from ..pretrained import BUNDLED_MODELS, bundled_model_path
 from ..remote_code import package_only, remote_code_layout, write_remote_code
 from ..retrieval.conditioning import RetrievalConditioning
-from ..retrieval.mixing import retrieved_token_distribution
+from ..retrieval.mixing import neighbour_agreement_weights, retrieved_token_distribution
 from ..saving import install_pipeline_save, save_folder
 from ..schedulers.scale import VARScaleScheduler
 from ..validation import NonFiniteError, check_generator, check_integer, class_label_entries
@@ -255,7 +255,7 @@ class VARPipeline(DiffusionPipeline):
         class_labels = class_labels.to(device)
         null = torch.full_like(class_labels, self.transformer.config.num_classes)
         # row groups: [conditional; null class (guidance on the class); no neighbours (guidance on retrieval)]
-        retrieval_guided = retrieval is not None and retrieval.mode == "trained" and retrieval.guidance_scale != 1.0
+        retrieval_guided = retrieval is not None and retrieval.attends and retrieval.guidance_scale != 1.0
         groups = [class_labels] + ([null] if guided else []) + ([class_labels] if retrieval_guided else [])
         model_labels = torch.cat(groups)
         side = self.vqvae.config.patch_nums[-1]
@@ -332,8 +332,11 @@ class VARPipeline(DiffusionPipeline):
         retrieval_probs, retrieval_weight = None, 0.0
         if state.neighbour_token_maps is not None and state.retrieval_weights[si] > 0:
             retrieval_weight = state.retrieval_weights[si]
+            weights = neighbour_agreement_weights(
+                state.token_maps, state.neighbour_token_maps[:si], state.retrieval_sharpness
+            )
             retrieval_probs = retrieved_token_distribution(
-                state.neighbour_token_maps[si], self.transformer.config.vocab_size, state.retrieval_smoothing
+                state.neighbour_token_maps[si], self.transformer.config.vocab_size, state.retrieval_smoothing, weights
             )
         step = self.scheduler.step(
             logits,

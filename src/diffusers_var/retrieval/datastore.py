@@ -627,6 +627,36 @@ class RetrievalDatastore:
         scores = _index_vectors(self.index)[rows] @ queries[0]
         return rows[np.argsort(-scores, kind="stable")[:k]]
 
+    def rows_of_hash(self, value: str) -> list[int]:
+        """The rows holding the image of hash ``value`` (:func:`image_hash`; several for duplicates, none if absent)."""
+        return list(self._hash_rows().get(value, ()))
+
+    def neighbourhood(
+        self, name: str, k: int, row: int | None = None, generator: torch.Generator | None = None
+    ) -> np.ndarray:
+        """The ``k`` rows of label ``name`` nearest to the image at ``row`` (that image and its copies excluded),
+        best first: what a retrieval model trains with for the sample at ``row``. Without ``row``, an anchor
+        image of the label is drawn with ``generator`` and plays the sample's part: sampling then sees neighbours
+        as they were in training (mutually similar real images), and never the anchor itself.
+
+        Example::
+
+            >>> store.neighbourhood("3", k=4, generator=torch.Generator().manual_seed(0))
+            array([613,  43, 903, 233])
+        """
+        if row is None:
+            rows = self.rows_of_label(name)
+            device = generator.device if generator is not None else "cpu"
+            row = int(rows[int(torch.randint(len(rows), (1,), generator=generator, device=device))])
+        if not 0 <= int(row) < len(self):
+            raise ValueError(f"row must be in [0, {len(self)}), got {row}.")
+        query = _index_vectors(self.index)[int(row)]
+        return self.examples_of(name, k, query=query, exclude_hashes={self._hash_rows_list()[int(row)]})
+
+    def _hash_rows_list(self) -> list[str]:
+        self._hash_rows()
+        return self._hashes
+
     # -- token maps ----------------------------------------------------------------------------------------------
 
     @property

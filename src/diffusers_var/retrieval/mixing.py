@@ -51,13 +51,32 @@ def retrieval_weights(weight: float | Sequence[float], num_scales: int, schedule
     return weights
 
 
+def neighbour_agreement_weights(
+    token_maps: list[torch.LongTensor], neighbour_maps: list[torch.LongTensor], sharpness: float
+) -> torch.Tensor | None:
+    """How much each neighbour counts at the next scale, (B, k): ``softmax(sharpness · agreement)``, agreement being
+    the share of the sample's tokens so far equal to the neighbour's at the same place (every finished scale, each
+    position once). As in kNN-LM, retrieval follows the context: the neighbours whose coarse scales the sample took
+    lead its finer ones, so the mixture stays one coherent image rather than a patchwork. ``None`` before the first
+    scale or with ``sharpness`` 0 (all neighbours alike)."""
+    if not token_maps or sharpness == 0:
+        return None
+    same = [(t.unsqueeze(1) == n).flatten(2) for t, n in zip(token_maps, neighbour_maps)]  # (B, k, pn²) each
+    agreement = torch.cat(same, dim=2).float().mean(dim=2)
+    return (sharpness * agreement).softmax(dim=1)
+
+
 def retrieved_token_distribution(
-    neighbour_maps: torch.LongTensor, vocab_size: int, smoothing: float = 0.0
+    neighbour_maps: torch.LongTensor,
+    vocab_size: int,
+    smoothing: float = 0.0,
+    neighbour_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``p_retrieved`` at one scale: (B, k, pn, pn) neighbour codes → (B, pn², V) distributions.
 
-    Each position counts the k neighbours' codes there, plus ``smoothing`` times the codes at the 8 adjacent
-    positions (0: the same position only; the result is then exactly the neighbours' empirical distribution).
+    Each position counts the k neighbours' codes there (each neighbour with its ``neighbour_weights`` (B, k), default
+    1), plus ``smoothing`` times the codes at the 8 adjacent positions (0: the same position only; the result is
+    then exactly the neighbours' (weighted) empirical distribution).
 
     Example:
         ```py
@@ -70,7 +89,10 @@ def retrieved_token_distribution(
     batch, k, height, width = neighbour_maps.shape
     # counts scattered straight into (B, V, pn²): a one-hot of (B, k, pn, pn, V) would be gigabytes at V = 4096
     counts = torch.zeros(batch, vocab_size, height * width, device=neighbour_maps.device)
-    counts.scatter_add_(1, neighbour_maps.flatten(2).long(), torch.ones(batch, k, height * width, device=counts.device))
+    if neighbour_weights is None:
+        neighbour_weights = torch.ones(batch, k, device=counts.device)
+    votes = neighbour_weights.to(counts).unsqueeze(2).expand(batch, k, height * width)
+    counts.scatter_add_(1, neighbour_maps.flatten(2).long(), votes)
     counts = counts.view(batch, vocab_size, height, width)
     if smoothing > 0 and height > 1:
         kernel = torch.full((3, 3), float(smoothing), device=counts.device)

@@ -1,10 +1,12 @@
 """Training with retrieval conditioning (Re-Imagen): each sample's neighbours come from a datastore of real images.
 
-A sample of label ``y`` is conditioned on ``k`` other images of ``y`` drawn from the datastore, never itself (its
-pixels' hash is excluded, so a copy under another file name is excluded too), reproducibly per (seed, epoch,
-index) as the augmentation is; the transformer drops a sample's neighbours with ``neighbour_dropout_prob`` (and its
-class with ``class_dropout_prob``), so that it learns the plain task and the class-free, neighbours-only one, which
-sampling uses for classes it never saw and guidance contrasts against.
+A sample of label ``y`` is conditioned on the ``k`` images of ``y`` in the datastore nearest to it (in the
+datastore's embedding), never itself (its pixels' hash is excluded, so a copy under another file name is excluded
+too). Near neighbours make copying their codes the way to lower the loss, a mechanism that does not depend on the
+class and so carries over to classes the model never saw; sampling draws an anchor image and takes its neighbours
+the same way (:meth:`RetrievalDatastore.neighbourhood`). The transformer drops a sample's neighbours with
+``neighbour_dropout_prob`` (and its class with ``class_dropout_prob``), so that it learns the plain task and the
+class-free, neighbours-only one, which sampling uses for classes it never saw and guidance contrasts against.
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ import torch
 
 from ..models.transformer import VARConfig, VARTransformer
 from ..models.vqvae import MultiScaleVQVAE
-from .data import ImageClassDataset, sample_generator
-
-# seed domain of the neighbour draws, apart from the augmentation's
-_NEIGHBOUR_SEED_OFFSET = 7_919
+from .data import ImageClassDataset
 
 
 class NeighbourDataset(torch.utils.data.Dataset):
-    """An :class:`ImageClassDataset` whose items also hold ``neighbour_rows`` (k,): datastore rows of k other real
-    images of the item's label."""
+    """An :class:`ImageClassDataset` whose items also hold ``neighbour_rows`` (k,): datastore rows of the k real
+    images of the item's label nearest to it, itself excluded."""
 
     def __init__(self, base: ImageClassDataset, datastore, class_names: list[str], num_neighbours: int):
         from ..retrieval.datastore import image_hash
@@ -40,9 +39,14 @@ class NeighbourDataset(torch.utils.data.Dataset):
         item = self.base[index]
         row = self.base.dataset[int(index)]
         name = self.class_names[int(item["class_labels"])]
-        generator = sample_generator(self.base.seed + _NEIGHBOUR_SEED_OFFSET, self.base.epoch, int(index))
-        itself = {self._image_hash(row[self.base.image_column])}
-        rows = self.datastore.examples_of(name, self.num_neighbours, generator=generator, exclude_hashes=itself)
+        image = row[self.base.image_column]
+        own = self._image_hash(image)
+        in_store = self.datastore.rows_of_hash(own)
+        if in_store:
+            rows = self.datastore.neighbourhood(name, self.num_neighbours, row=in_store[0])
+        else:  # not in the datastore: embedded here (slower), then the same nearest-of-its-label search
+            query = self.datastore.embed([image])[0]
+            rows = self.datastore.examples_of(name, self.num_neighbours, query=query, exclude_hashes={own})
         item["neighbour_rows"] = torch.as_tensor(np.asarray(rows), dtype=torch.long)
         return item
 
