@@ -2,9 +2,10 @@
 
 For each sample it retrieves k real images of the asked label from a datastore (``diffusers-var index``), or takes
 reference images given in the call, and conditions every scale on their token pyramids: through the transformer's
-retrieval attention when it was trained with it (``retrieval_mode="trained"``), or by mixing each scale's
-distribution with the neighbours' codes (``"training_free"``, any VAR). A label the model never trained on (a name
-its ``id2label`` lacks) is drawn from the null class and its neighbours alone.
+retrieval attention when it was trained with it (``retrieval_mode="trained"``), by mixing each scale's distribution
+with the neighbours' codes (``"training_free"``, any VAR), or both (``"combined"``, the default for a model with
+retrieval attention). A label the model never trained on (a name its ``id2label`` lacks) is drawn from the null
+class and its neighbours alone.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class VARRetrievalPipeline(VARPipeline):
         >>> store = RetrievalDatastore.load("recipe/datastore")
         >>> out = pipe(["7", "3"], datastore=store, generator=torch.Generator().manual_seed(0))
         >>> out.label_names, out.retrieval_mode
-        (['7', '3'], 'trained')
+        (['7', '3'], 'combined')
         ```
     """
 
@@ -139,7 +140,8 @@ class VARRetrievalPipeline(VARPipeline):
             retrieval_smoothing: training-free: weight of the adjacent positions in ``p_retrieved`` (default 0).
             retrieval_sharpness: training-free: how strongly the neighbours whose codes the sample has taken so far
                 lead the next scale (``softmax(sharpness · agreement)`` over the neighbours; default 0: all alike).
-            retrieval_guidance_scale: trained: guidance on retrieval (rows without neighbours), 1.0 = none.
+            retrieval_guidance_scale: trained and combined: guidance on retrieval (rows without neighbours), 1.0 =
+                none.
             neighbour_selection: with a datastore, ``"neighbourhood"`` (default: an anchor image of the label is
                 drawn, and its k nearest images of the label are the neighbours, the anchor excluded, as in
                 training) or ``"random"`` (k images of the label drawn uniformly).
@@ -161,7 +163,7 @@ class VARRetrievalPipeline(VARPipeline):
         ):
             raise ValueError(
                 "retrieval_weight, retrieval_smoothing and retrieval_sharpness belong to retrieval_mode="
-                "'training_free'; the trained mode has retrieval_guidance_scale."
+                "'training_free' or 'combined'; the trained mode (the attention alone) has retrieval_guidance_scale."
             )
         if (datastore is None) == (reference_images is None):
             raise ValueError("Pass a datastore or reference_images (one of the two) to retrieve from.")
