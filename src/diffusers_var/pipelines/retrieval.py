@@ -20,7 +20,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import logging
 
 from ..retrieval.conditioning import RETRIEVAL_MODES, RetrievalConditioning
-from ..retrieval.mixing import RETRIEVAL_SCHEDULES
+from ..retrieval.mixing import RETRIEVAL_SCHEDULES, retrieval_weights
 from ..validation import check_generator, check_integer
 from .image_inputs import ImageInput, prepare_images
 from .state import VARSamplingState
@@ -237,8 +237,6 @@ class VARRetrievalPipeline(VARPipeline):
     # -- labels and neighbours -------------------------------------------------------------------------------------
 
     def _weights(self, retrieval_weight, schedule: str) -> list[float]:
-        from ..retrieval.mixing import retrieval_weights
-
         weight = DEFAULT_RETRIEVAL_WEIGHT if retrieval_weight is None else retrieval_weight
         return retrieval_weights(weight, self.scheduler.num_scales, schedule)
 
