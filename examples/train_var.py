@@ -20,15 +20,25 @@ datastore built with `diffusers-var index --images <the training images> --token
     accelerate launch examples/train_var.py --model_config var_config.json --vqvae_name_or_path tokenizer/ \
         --train_data_dir data/ --retrieval_datastore datastore/ --num_neighbours 4 --neighbour_dropout_prob 0.1 ...
 
-The tokenizer stays frozen; training is teacher forcing over all scales (label-smoothed cross-entropy, class dropout
-for guidance). The result is a VARPipeline folder in --output_dir with a model card (with LoRA: the adapter, as
-adapter_model.safetensors and adapter_config.json naming the base model, which `pipe.load_lora_weights` loads).
+Post-train with Condition Contrastive Alignment (guidance-free sampling) or Direct Discriminative Optimization (a GAN
+objective in self-play rounds) against a frozen reference, by default the starting weights:
+
+    accelerate launch examples/train_var.py --pretrained_model_name_or_path var-d16 --objective cca \
+        --cca_beta 0.02 --cca_lambda 50 --train_data_dir imagenet/train --num_epochs 1 ...
+    accelerate launch examples/train_var.py --pretrained_model_name_or_path var-d16 --objective ddo \
+        --ddo_alpha 10 --ddo_beta 0.02 --ddo_rounds 2 --train_data_dir imagenet/train ...
+
+The tokenizer stays frozen; training (--objective ce, the default) is teacher forcing over all scales (label-smoothed
+cross-entropy, class dropout for guidance). The result is a VARPipeline folder in --output_dir with a model card (with
+LoRA: the adapter, as adapter_model.safetensors and adapter_config.json naming the base model, which
+`pipe.load_lora_weights` loads).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -40,6 +50,7 @@ from diffusers_var.hub import load_vqvae, make_lora_card, make_model_card, save_
 from diffusers_var.lora import DEFAULT_TARGET_MODULES, ID2LABEL_FILE, add_lora, lora_config
 from diffusers_var.saving import write_text_atomically
 from diffusers_var.training.arguments import add_data_arguments, add_logging_arguments, add_training_arguments
+from diffusers_var.training.cca import CCA_BETA, CCA_LAMBDA, cca_batch_loss, check_cca_model
 from diffusers_var.training.checkpoints import save_checkpoint
 from diffusers_var.training.data import (
     ImageClassDataset,
@@ -48,6 +59,7 @@ from diffusers_var.training.data import (
     id2label_for_data,
     load_image_dataset,
 )
+from diffusers_var.training.ddo import DDO_ALPHA, DDO_BETA, ddo_batch_loss
 from diffusers_var.training.ema import ParameterEMA
 from diffusers_var.training.loop import (
     TrainingPlan,
@@ -59,6 +71,7 @@ from diffusers_var.training.loop import (
 )
 from diffusers_var.training.objective import teacher_forcing_batch, var_loss
 from diffusers_var.training.optim import make_optimizer, scaled_learning_rate
+from diffusers_var.training.reference import check_reference, disable_dropout, frozen_reference, load_reference
 from diffusers_var.training.retrieval import neighbour_codes
 from diffusers_var.training.validation import log_validation_grid
 
@@ -86,6 +99,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="drop a sample's neighbours, for guidance on retrieval (default: the model's, 0.1 for a new one)",
     )
+    post = parser.add_argument_group("post-training objectives (CCA, DDO)")
+    post.add_argument(
+        "--objective",
+        choices=("ce", "cca", "ddo"),
+        default="ce",
+        help="ce: teacher-forced cross-entropy; cca: Condition Contrastive Alignment; ddo: Direct Discriminative "
+        "Optimization",
+    )
+    post.add_argument(
+        "--reference_model",
+        help="cca/ddo: the frozen reference (pipeline or transformer folder, or repo id); default the starting weights",
+    )
+    post.add_argument(
+        "--offload_reference",
+        action="store_true",
+        help="keep the reference's weights in CPU memory, each layer moved to the device for its forward",
+    )
+    post.add_argument("--cca_beta", type=float, default=CCA_BETA, help="CCA's β, the likelihood-ratio scale")
+    post.add_argument("--cca_lambda", type=float, default=CCA_LAMBDA, help="CCA's λ, the mismatched-class weight")
+    post.add_argument("--ddo_alpha", type=float, default=DDO_ALPHA, help="DDO's α, the reference samples' weight")
+    post.add_argument("--ddo_beta", type=float, default=DDO_BETA, help="DDO's β, the likelihood-ratio scale")
+    post.add_argument("--ddo_rounds", type=int, default=1, help="self-play rounds; the reference moves each round")
+    post.add_argument(
+        "--ddo_samples_per_round",
+        type=int,
+        help="reference samples drawn per round (default: one per fake row of the round's steps)",
+    )
+    post.add_argument("--ddo_generation_batch_size", type=int, default=64)
     lora = parser.add_argument_group("LoRA (train adapters only; needs peft)")
     lora.add_argument("--lora_rank", type=int, default=0, help="adapter rank; 0 trains the whole transformer")
     lora.add_argument("--lora_alpha", type=float, default=None, help="adapter scale numerator (default: the rank)")
@@ -120,7 +161,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--neighbour_dropout_prob must lie in [0, 1], got {args.neighbour_dropout_prob}")
     if args.retrieval_datastore and args.lora_rank:
         parser.error("--retrieval_datastore trains new retrieval layers: fine-tune fully, without --lora_rank")
+    check_post_training_arguments(parser, args)
     return args
+
+
+def check_post_training_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag in ("cca", "ddo"):  # an objective's hyper-parameters, given for another objective, would do nothing
+        changed = [f"--{k}" for k, v in vars(args).items() if k.startswith(f"{flag}_") and v != parser.get_default(k)]
+        if changed and args.objective != flag:
+            parser.error(f"{', '.join(changed)} set(s) --objective {flag}, and the objective is {args.objective}")
+    if args.objective == "ce":
+        given = [f"--{k}" for k in ("reference_model", "offload_reference") if getattr(args, k)]
+        if given:
+            parser.error(f"{' and '.join(given)} belong to --objective cca or ddo (a frozen reference model)")
+        return
+    for name in ("cca_beta", "ddo_beta"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0 (it scales the likelihood ratio), got {getattr(args, name)}")
+    for name in ("cca_lambda", "ddo_alpha"):
+        if not getattr(args, name) >= 0:
+            parser.error(f"--{name} must be ≥ 0 (a loss weight), got {getattr(args, name)}")
+    if args.model_config:
+        parser.error(
+            f"--objective {args.objective} post-trains a trained model against itself as reference"
+            + (" and samples it" if args.objective == "ddo" else "")
+            + ": give --pretrained_model_name_or_path, not --model_config"
+        )
+    if args.lora_rank:
+        parser.error(f"--objective {args.objective} fine-tunes the whole transformer; leave out --lora_rank")
+    if args.retrieval_datastore:
+        parser.error(f"--objective {args.objective} does not train retrieval conditioning; use --objective ce")
+    if args.objective == "ddo":
+        if args.ddo_rounds < 1:
+            parser.error(f"--ddo_rounds must be ≥ 1, got {args.ddo_rounds}")
+        if args.ddo_samples_per_round is not None and args.ddo_samples_per_round < 1:
+            parser.error(
+                f"--ddo_samples_per_round must be ≥ 1 (DDO needs the reference's samples), got "
+                f"{args.ddo_samples_per_round}"
+            )
+        if args.ddo_generation_batch_size < 1:
+            parser.error(f"--ddo_generation_batch_size must be ≥ 1, got {args.ddo_generation_batch_size}")
 
 
 def load_components(args) -> tuple[MultiScaleVQVAE, VARTransformer, VARScaleScheduler, dict | None]:
@@ -156,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
             transformer.config.neighbour_dropout_prob = args.neighbour_dropout_prob
     transformer.config.class_dropout_prob = args.class_dropout_prob
     transformer.config.label_smoothing = args.label_smoothing
+    reference_start = None  # cca/ddo: the weights of the (first) frozen reference
+    if args.objective != "ce":
+        reference_start = prepare_post_training(args, transformer, vqvae)
     trainable_parameters = None
     if args.lora_rank:
         config = lora_config(
@@ -223,15 +306,36 @@ def main(argv: list[str] | None = None) -> None:
 
     resume, global_step = find_resume_checkpoint(args, accelerator)
     logger.info(f"{len(dataset)} images, global batch {global_batch}, lr {learning_rate:.3g}, {max_steps} steps")
+    reference, self_play = None, None
+    if args.objective == "cca":
+        reference = make_reference(args, accelerator)(reference_start)
+    elif args.objective == "ddo":
+        self_play = SelfPlay(args, accelerator, reference_start, vqvae, scheduler, plan, id2label)
     progress = tqdm(range(max_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    micro_step = 0  # the micro-batch within an optimiser step (gradient accumulation)
     for batch in training_batches(accelerator, loader, train_set, plan, resume, global_step):
+        if self_play is not None:  # a new round (or the round a resumed run is in): its reference and samples
+            reference = self_play.reference_for_step(global_step, accelerator.unwrap_model(transformer))
         with accelerator.accumulate(transformer):
             inputs, targets = teacher_forcing_batch(vqvae, batch["pixel_values"])
+            labels = batch["class_labels"]
             codes = None
             if datastore is not None:
                 codes = neighbour_codes(datastore, vqvae, batch["neighbour_rows"])
             with accelerator.autocast():
-                loss, metrics = var_loss(transformer, batch["class_labels"], inputs, targets, codes)
+                if args.objective == "cca":
+                    loss, metrics = cca_batch_loss(
+                        transformer, reference, labels, inputs, targets,
+                        args.cca_beta, args.cca_lambda, args.class_dropout_prob,
+                    )  # fmt: skip
+                elif args.objective == "ddo":
+                    fake = self_play.fake_batch(global_step, micro_step, args.train_batch_size)
+                    loss, metrics = ddo_batch_loss(
+                        transformer, reference, (labels, inputs, targets), fake,
+                        args.ddo_alpha, args.ddo_beta, args.class_dropout_prob,
+                    )  # fmt: skip
+                else:
+                    loss, metrics = var_loss(transformer, labels, inputs, targets, codes)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
@@ -239,13 +343,15 @@ def main(argv: list[str] | None = None) -> None:
             lr_scheduler.step()
             optimizer.zero_grad()
         if not accelerator.sync_gradients:
+            micro_step += 1
             continue
+        micro_step = 0
         global_step += 1
         progress.update(1)
         if ema is not None:
             ema.update(accelerator.unwrap_model(transformer))
         logs = {**metrics.as_dict("train/"), "lr": lr_scheduler.get_last_lr()[0]}
-        progress.set_postfix(loss=f"{metrics.loss:.3f}", acc=f"{metrics.accuracy:.1f}")
+        progress.set_postfix(progress_figures(metrics))
         accelerator.log(logs, step=global_step)
         if global_step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
@@ -283,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
             "learning_rate": learning_rate,
             "resolution": resolution,
         }
+        if args.objective != "ce":
+            card["objective"] = objective_description(args)
         if datastore is not None:
             card["retrieval"] = (
                 f"attends to {final.config.num_neighbours} retrieved neighbours, trained with the datastore "
@@ -295,6 +403,110 @@ def main(argv: list[str] | None = None) -> None:
             )
         logger.info(f"Saved the pipeline to {output_dir}")
     accelerator.end_training()
+
+
+def prepare_post_training(args: argparse.Namespace, transformer: VARTransformer, vqvae: MultiScaleVQVAE):
+    """CCA and DDO: the first reference (checked against the trained model), and the trained model without its own
+    dropout (the objectives draw the null-class rows, the same for both models; the saved config keeps the rates)."""
+    if args.objective == "cca":
+        check_cca_model(transformer)
+    if args.reference_model:
+        reference, reference_vqvae = load_reference(args.reference_model, cache_dir=args.cache_dir)
+        check_reference(reference, transformer, reference_vqvae, vqvae)
+    else:
+        reference = frozen_reference(transformer)
+    transformer.config.class_dropout_prob = 0.0  # restored from --class_dropout_prob when the pipeline is saved
+    disable_dropout(transformer)
+    return reference
+
+
+def make_reference(args: argparse.Namespace, accelerator):
+    """Weights → the frozen reference on the training device (or offloaded to CPU memory)."""
+
+    def build(weights: VARTransformer) -> VARTransformer:
+        if args.offload_reference:
+            return frozen_reference(weights, offload_to=accelerator.device)
+        return frozen_reference(weights).to(accelerator.device)
+
+    return build
+
+
+class SelfPlay:
+    """DDO's rounds: ``--ddo_rounds`` equal spans of the run; each starts with the latest model as the frozen
+    reference and draws its samples (cached in OUTPUT_DIR/self_play, see ``training.self_play``)."""
+
+    def __init__(self, args, accelerator, first_reference, vqvae, scheduler, plan, id2label):
+        from diffusers_var.retrieval.datastore import tokenizer_fingerprint
+        from diffusers_var.training.self_play import weights_digest
+
+        self.args, self.accelerator, self.vqvae, self.scheduler = args, accelerator, vqvae, scheduler
+        self.first_reference = first_reference
+        self.first_digest = weights_digest(first_reference)
+        self.steps_per_round = math.ceil(plan.max_steps / args.ddo_rounds)
+        self.num_samples = args.ddo_samples_per_round or self.steps_per_round * plan.global_batch
+        self.settings = {
+            "seed": args.seed,
+            "rounds": args.ddo_rounds,
+            "steps_per_round": self.steps_per_round,
+            "num_samples": self.num_samples,
+            "tokenizer": tokenizer_fingerprint(vqvae),
+        }
+        self.round, self.reference = None, None
+        logger.info(
+            f"DDO: {args.ddo_rounds} round(s) of {self.steps_per_round} steps, {self.num_samples} reference samples "
+            f"per round, α = {args.ddo_alpha}, β = {args.ddo_beta}"
+        )
+
+    def reference_for_step(self, global_step: int, model: VARTransformer) -> VARTransformer:
+        from diffusers_var.training.self_play import SelfPlayRound
+
+        index = min(global_step // self.steps_per_round, self.args.ddo_rounds - 1)
+        if self.round is None or self.round.index != index:
+            self.round = SelfPlayRound(Path(self.args.output_dir) / "self_play", index, self.settings)
+            self.reference = self.round.prepare(
+                self.accelerator,
+                self.first_reference if index == 0 else model,
+                self.vqvae,
+                self.scheduler,
+                make_reference(self.args, self.accelerator),
+                self.num_samples,
+                self.args.ddo_generation_batch_size,
+                expected_reference_digest=self.first_digest if index == 0 else None,
+            )
+        return self.reference
+
+    def fake_batch(self, global_step: int, micro_step: int, batch_size: int):
+        """(labels, teacher-forcing inputs, targets) of this micro-batch's reference samples."""
+        from diffusers_var.training.self_play import split_token_maps
+
+        step_in_round = global_step - self.round.index * self.steps_per_round
+        labels, targets = self.round.fake_batch(step_in_round, micro_step, batch_size, self.accelerator)
+        token_maps = split_token_maps(targets, tuple(self.vqvae.config.patch_nums))
+        return labels, self.vqvae.next_scale_inputs(token_maps), targets
+
+
+def progress_figures(metrics) -> dict[str, str]:
+    """The progress bar's few figures: the loss, and the token accuracy (ce) or the discriminator's view (cca, ddo)."""
+    figures = {"loss": f"{metrics.loss:.3f}"}
+    if hasattr(metrics, "accuracy"):
+        figures["acc"] = f"{metrics.accuracy:.1f}"
+    else:
+        figures["margin"] = f"{metrics.reward_margin:.3f}"
+    return figures
+
+
+def objective_description(args: argparse.Namespace) -> str:
+    """The model card's line on how the model was post-trained."""
+    reference = args.reference_model or "the starting weights"
+    if args.objective == "cca":
+        return (
+            f"Condition Contrastive Alignment (β = {args.cca_beta}, λ = {args.cca_lambda}) against {reference}: "
+            "sample without guidance (`guidance_scale=1.0`)"
+        )
+    return (
+        f"Direct Discriminative Optimization (α = {args.ddo_alpha}, β = {args.ddo_beta}, {args.ddo_rounds} "
+        f"self-play round(s)) starting from {reference} as reference"
+    )
 
 
 def save_lora_adapter(args, pipe, output_dir, global_step, global_batch, learning_rate, trainable_parameters):

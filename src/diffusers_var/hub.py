@@ -132,6 +132,7 @@ def make_model_card(
             if getattr(transformer, "num_neighbours", 0)
             else "none"
         ),
+        "objective": "teacher-forced cross-entropy",
     }
     fields.update(card_data or {})
     metadata = ModelCardData(

@@ -66,3 +66,31 @@ def var_loss(
             last_scale_accuracy=(predictions[:, -last:] == targets[:, -last:]).float().mean().item() * 100,
         )
     return out.loss, metrics
+
+
+def sequence_log_likelihoods(
+    transformer: VARTransformer,
+    class_labels: torch.LongTensor,
+    next_scale_inputs: torch.Tensor,
+    targets: torch.LongTensor,
+) -> torch.Tensor:
+    """log p(x | c) of each token pyramid, teacher forced: the sum over all L positions of the log-probability of
+    the target token, (B,) in float32. No label smoothing and no class dropout of its own: the post-training
+    objectives (``training.cca``, ``training.ddo``) choose the labels, including the null class, themselves.
+
+    Example:
+        ```py
+        >>> inputs, targets = teacher_forcing_batch(vqvae, images)
+        >>> log_p = sequence_log_likelihoods(transformer, class_labels, inputs, targets)  # (B,)
+        ```
+    """
+    model = getattr(transformer, "module", transformer)  # also under DistributedDataParallel
+    if model.training and model.config.class_dropout_prob > 0:
+        raise ValueError(
+            f"The transformer drops class labels itself (class_dropout_prob={model.config.class_dropout_prob}) "
+            "while a log-likelihood's labels must be the ones given; set config.class_dropout_prob = 0 and draw "
+            "null-class rows in the objective (as train_var.py --objective cca|ddo does)."
+        )
+    logits = transformer(class_labels, next_scale_inputs).logits.float()
+    token_nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L), fused log-softmax
+    return -token_nll.sum(dim=1)

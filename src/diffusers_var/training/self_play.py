@@ -1,0 +1,278 @@
+"""DDO's self-play data: each round's reference model, and its samples decoded to pixels and re-encoded to tokens,
+cached on disk so that an interrupted run resumes without drawing them again.
+
+    OUTPUT_DIR/self_play/round-000/round.json                 the settings of the run the cache belongs to
+    OUTPUT_DIR/self_play/round-000/reference.safetensors      the round's reference: the model at the round's start
+    OUTPUT_DIR/self_play/round-000/samples-00000.safetensors  token pyramids (n, L) int32 and class labels (n,)
+
+Sample i of a round has class ``i % num_classes`` and its own generator (seeded from the run seed, the round, the
+class and the index), so the cache is the same for a seed whatever the batch size, the number of processes or where
+a run was interrupted. Samples are drawn as the reference's own distribution (guidance 1, top-k 0, top-p 1), rounded
+to 8-bit pixels like the real images, and tokenized by the same frozen tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+from ..generate import sample_seed
+from ..models.transformer import VARTransformer
+from ..models.vqvae import MultiScaleVQVAE
+from ..saving import current_umask, write_text_atomically
+from ..schedulers.scale import VARScaleScheduler
+
+logger = get_logger(__name__)
+
+WRITTEN_BY = "diffusers-var train_var.py --objective ddo"
+_ROUND_SEED_OFFSET = 1000  # keeps the self-play samples apart from `diffusers-var generate --seed` (candidate 0)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over a model's state dict (names, dtypes, shapes and bytes), in key order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _save_tensors_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@torch.no_grad()
+def draw_samples(
+    reference: VARTransformer,
+    vqvae: MultiScaleVQVAE,
+    scheduler: VARScaleScheduler,
+    class_labels: list[int],
+    seeds: list[int],
+    device: torch.device,
+) -> torch.LongTensor:
+    """Token pyramids (n, L) of the reference's own samples for these classes and per-sample seeds: sampled with
+    VARPipeline (guidance 1, no top-k or top-p), decoded, rounded to 8-bit pixels and tokenized again."""
+    from ..pipelines.var import VARPipeline
+
+    pipe = VARPipeline(vqvae=vqvae, transformer=reference, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    images = pipe(
+        class_labels=class_labels, guidance_scale=1.0, top_k=0, top_p=1.0, generator=generators, output_type="pt"
+    ).images  # (n, 3, H, W) in [0, 1]
+    pixels = (images * 255).round() / 255 * 2 - 1  # what a PNG of the sample holds, in the tokenizer's range
+    token_maps = vqvae.tokenize(pixels.to(device=vqvae.device, dtype=vqvae.dtype))
+    return torch.cat([t.flatten(1) for t in token_maps], dim=1)
+
+
+class SelfPlayRound:
+    """One round's reference and samples, cached in ``directory``; see the module docstring for the layout.
+
+    Example:
+        ```py
+        >>> round_ = SelfPlayRound(output_dir / "self_play", 0, settings)
+        >>> reference = round_.prepare(accelerator, transformer, vqvae, scheduler, num_samples=6400)
+        >>> labels, targets = round_.fake_batch(step_in_round=0, micro_step=0, batch_size=64, accelerator=accelerator)
+        ```
+    """
+
+    def __init__(self, root: str | os.PathLike, index: int, settings: dict):
+        self.index = index
+        self.directory = Path(root) / f"round-{index:03d}"
+        self.settings = {**settings, "round": index}
+        self.labels: torch.LongTensor | None = None
+        self.targets: torch.LongTensor | None = None
+
+    # -- the cache ---------------------------------------------------------------------------------------------
+
+    def _check_settings(self) -> dict | None:
+        """The recorded settings of an existing cache (None if there is none); raises if another run made it."""
+        record = self.directory / "round.json"
+        if not record.is_file():
+            if self.directory.is_dir() and any(self.directory.iterdir()):
+                raise ValueError(
+                    f"{self.directory} holds files but no round.json, so it is not a self-play cache of this script; "
+                    "move them away or choose another --output_dir."
+                )
+            return None
+        recorded = json.loads(record.read_text())
+        if recorded.get("written_by") != WRITTEN_BY:
+            raise ValueError(f"{record} was not written by {WRITTEN_BY}; choose another --output_dir.")
+        mismatched = {k: (recorded.get(k), v) for k, v in self.settings.items() if recorded.get(k) != v}
+        if mismatched:
+            details = ", ".join(f"{k}: cached {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
+            raise ValueError(
+                f"The self-play cache {self.directory} belongs to a run with other settings ({details}). Resume "
+                "with the same flags, or use a new --output_dir (the cache is never replaced)."
+            )
+        return recorded
+
+    def _chunk_path(self, chunk: int) -> Path:
+        return self.directory / f"samples-{chunk:05d}.safetensors"
+
+    def _reference_path(self) -> Path:
+        return self.directory / "reference.safetensors"
+
+    def prepare(
+        self,
+        accelerator: Accelerator,
+        current_model: VARTransformer,
+        vqvae: MultiScaleVQVAE,
+        scheduler: VARScaleScheduler,
+        make_reference: Callable[[VARTransformer], VARTransformer],
+        num_samples: int,
+        generation_batch_size: int = 64,
+        expected_reference_digest: str | None = None,
+    ) -> VARTransformer:
+        """The round's frozen reference (``make_reference`` of the cached weights, or of ``current_model`` when the
+        round starts now), with its samples drawn or loaded. Every process draws its share of the missing chunks.
+
+        ``expected_reference_digest``: round 0's reference must be the run's starting reference; a cache whose
+        reference differs belongs to another base model and is refused.
+
+        The global RNG is left as it was (forked): a run resumed in this round, which prepares it again, continues
+        the same random stream as the uninterrupted run.
+        """
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._prepare(
+                accelerator,
+                current_model,
+                vqvae,
+                scheduler,
+                make_reference,
+                num_samples,
+                generation_batch_size,
+                expected_reference_digest,
+            )
+
+    def _prepare(
+        self,
+        accelerator,
+        current_model,
+        vqvae,
+        scheduler,
+        make_reference,
+        num_samples,
+        generation_batch_size,
+        expected_reference_digest,
+    ) -> VARTransformer:
+        from safetensors.torch import load_file
+
+        num_classes = current_model.config.num_classes
+        recorded = self._check_settings() if accelerator.is_main_process else None
+        if accelerator.is_main_process and recorded is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            digest = weights_digest(current_model)
+            _save_tensors_atomically(
+                current_model.state_dict(), self._reference_path(), {"written_by": WRITTEN_BY, "sha256": digest}
+            )
+            record = {"written_by": WRITTEN_BY, **self.settings, "reference_sha256": digest}
+            write_text_atomically(self.directory / "round.json", json.dumps(record, indent=1) + "\n")
+        accelerator.wait_for_everyone()
+        recorded = json.loads((self.directory / "round.json").read_text())
+        if expected_reference_digest is not None and recorded["reference_sha256"] != expected_reference_digest:
+            raise ValueError(
+                f"The self-play cache {self.directory} was drawn from another reference model than this run starts "
+                "from; use a new --output_dir."
+            )
+        reference_model = VARTransformer(current_model.config)
+        state = load_file(self._reference_path())
+        reference_model.load_state_dict(state)
+        if weights_digest(reference_model) != recorded["reference_sha256"]:
+            raise ValueError(f"{self._reference_path()} is damaged (its digest differs from round.json's).")
+        reference = make_reference(reference_model.to(accelerator.device))
+
+        chunks = math.ceil(num_samples / generation_batch_size)
+        mine = [c for c in range(chunks) if c % accelerator.num_processes == accelerator.process_index]
+        missing = [c for c in mine if not self._valid_chunk(c)]
+        if missing:
+            logger.info(
+                f"Self-play round {self.index}: drawing {num_samples} samples of the reference "
+                f"({len(missing)} of {chunks} batches on this process)",
+                main_process_only=False,
+            )
+        seed = self.settings["seed"]
+        for chunk in tqdm(missing, desc=f"Round {self.index} samples", disable=not accelerator.is_local_main_process):
+            indices = range(chunk * generation_batch_size, min((chunk + 1) * generation_batch_size, num_samples))
+            labels = [i % num_classes for i in indices]
+            seeds = [
+                sample_seed(seed, i % num_classes, i // num_classes, _ROUND_SEED_OFFSET + self.index) for i in indices
+            ]
+            with accelerator.autocast():
+                targets = draw_samples(reference, vqvae, scheduler, labels, seeds, accelerator.device)
+            _save_tensors_atomically(
+                {"targets": targets.to(torch.int32), "class_labels": torch.tensor(labels)},
+                self._chunk_path(chunk),
+                {"written_by": WRITTEN_BY, "round": str(self.index), "first_index": str(indices[0])},
+            )
+        accelerator.wait_for_everyone()
+        loaded = [load_file(self._chunk_path(c)) for c in range(chunks)]
+        self.targets = torch.cat([part["targets"] for part in loaded]).long()
+        self.labels = torch.cat([part["class_labels"] for part in loaded]).long()
+        if len(self.labels) != num_samples:
+            raise ValueError(
+                f"The self-play cache {self.directory} holds {len(self.labels)} samples, not {num_samples}."
+            )
+        return reference
+
+    def _valid_chunk(self, chunk: int) -> bool:
+        path = self._chunk_path(chunk)
+        if not path.is_file():
+            return False
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as handle:
+                return handle.metadata().get("written_by") == WRITTEN_BY
+        except Exception:  # a damaged file is drawn again (it is ours: the name and marker say so)
+            logger.warning(f"Drawing {path} again: it cannot be read.", main_process_only=False)
+            return False
+
+    # -- batches -----------------------------------------------------------------------------------------------
+
+    def fake_batch(
+        self, step_in_round: int, micro_step: int, batch_size: int, accelerator: Accelerator
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """(class labels (B,), targets (B, L)) of this process's micro-batch: the round's samples in an order fixed
+        by the seed and the round, walked through once per ``len / global batch`` steps (then again)."""
+        if self.targets is None:
+            raise RuntimeError("Call prepare() before fake_batch().")
+        order = torch.randperm(
+            len(self.labels), generator=torch.Generator().manual_seed(self.settings["seed"] + self.index)
+        )
+        micro_steps = accelerator.gradient_accumulation_steps
+        position = (step_in_round * micro_steps + micro_step) * accelerator.num_processes + accelerator.process_index
+        indices = order[(position * batch_size + torch.arange(batch_size)) % len(order)]
+        return self.labels[indices].to(accelerator.device), self.targets[indices].to(accelerator.device)
+
+
+def split_token_maps(targets: torch.LongTensor, patch_nums: tuple[int, ...]) -> list[torch.LongTensor]:
+    """(B, L) flattened token pyramids → the list of (B, pn, pn) token maps ``MultiScaleVQVAE`` works with."""
+    sizes = [pn * pn for pn in patch_nums]
+    if targets.shape[1] != sum(sizes):
+        raise ValueError(
+            f"Token pyramids of patch_nums={tuple(patch_nums)} have {sum(sizes)} tokens, got {targets.shape[1]}."
+        )
+    return [part.reshape(-1, pn, pn) for part, pn in zip(targets.split(sizes, dim=1), patch_nums)]

@@ -1,0 +1,363 @@
+"""The post-training objectives (training/cca.py, training/ddo.py, training/reference.py, training/self_play.py) and
+``train_var.py --objective cca|ddo`` end to end on a tiny pipeline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_images, tiny_pipeline, tiny_transformer
+from safetensors.torch import load_file
+from test_train_var import SCRIPT, emulate_kill_after, max_relative_difference, run, weights
+from test_training_data import make_imagefolder
+
+from diffusers_var import VARPipeline
+from diffusers_var.training.cca import cca_batch_loss, cca_loss, check_cca_model, mismatched_labels, null_rows
+from diffusers_var.training.ddo import ddo_batch_loss, ddo_loss
+from diffusers_var.training.objective import sequence_log_likelihoods, teacher_forcing_batch
+from diffusers_var.training.reference import check_reference, disable_dropout, frozen_reference
+from diffusers_var.training.self_play import split_token_maps
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+# -- the losses on constructed log-likelihoods -----------------------------------------------------------------------
+
+
+def test_cca_loss_equals_its_closed_form():
+    log_p, ref_log_p = torch.tensor([-120.0, -95.5, -130.25]), torch.tensor([-118.0, -99.5, -130.25])
+    log_p_neg, ref_log_p_neg = torch.tensor([-140.0, -101.0, -150.0]), torch.tensor([-135.0, -104.0, -149.0])
+    conditional = torch.tensor([True, True, False])
+    for beta, lam in ((0.02, 50.0), (0.5, 0.3), (1.0, 0.0)):
+        positive = [-_log_sigmoid(beta * (a - b)) for a, b in zip(log_p.tolist(), ref_log_p.tolist())]
+        negative = [
+            -_log_sigmoid(-beta * (a - b)) * c
+            for a, b, c in zip(log_p_neg.tolist(), ref_log_p_neg.tolist(), conditional.tolist())
+        ]
+        expected = (sum(positive) / 3 + lam * sum(negative) / 3) / max(1.0, lam)
+        got = cca_loss(log_p, ref_log_p, log_p_neg, ref_log_p_neg, conditional, beta=beta, lam=lam)
+        assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ddo_loss_equals_its_closed_form():
+    real, ref_real = torch.tensor([-80.0, -90.0]), torch.tensor([-85.0, -88.0])
+    fake, ref_fake = torch.tensor([-70.0, -100.0, -60.0]), torch.tensor([-69.0, -105.0, -60.0])
+    for alpha, beta in ((10.0, 0.02), (0.5, 0.3), (0.0, 1.0)):
+        real_term = sum(-_log_sigmoid(beta * (a - b)) for a, b in zip(real.tolist(), ref_real.tolist())) / 2
+        fake_term = sum(-_log_sigmoid(-beta * (a - b)) for a, b in zip(fake.tolist(), ref_fake.tolist())) / 3
+        expected = (real_term + alpha * fake_term) / max(1.0, alpha)
+        assert ddo_loss(real, ref_real, fake, ref_fake, alpha=alpha, beta=beta).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda z: cca_loss(z, z, z, z, z > 0, beta=-0.1, lam=1.0), "β"),
+        (lambda z: cca_loss(z, z, z, z, z > 0, beta=0.0, lam=1.0), "β"),
+        (lambda z: cca_loss(z, z, z, z, z > 0, beta=0.1, lam=-1.0), "λ"),
+        (lambda z: ddo_loss(z, z, z, z, alpha=-1.0, beta=0.1), "α"),
+        (lambda z: ddo_loss(z, z, z, z, alpha=1.0, beta=-0.02), "β"),
+    ],
+)
+def test_negative_weights_are_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(torch.zeros(2))
+
+
+# -- log-likelihoods and gradients of the real model ----------------------------------------------------------------
+
+
+def _trainable(pipe: VARPipeline):
+    model = pipe.transformer
+    model.config.class_dropout_prob = 0.0
+    return disable_dropout(model.train())
+
+
+def test_sequence_log_likelihoods_sum_the_target_log_probabilities():
+    pipe = tiny_pipeline()
+    model = pipe.transformer.eval()
+    inputs, targets = teacher_forcing_batch(pipe.vqvae, tiny_images(3))
+    labels = torch.tensor([0, 4, 10])  # 10: the null class
+    log_probs = model(labels, inputs).logits.float().log_softmax(-1)
+    expected = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(1)
+    torch.testing.assert_close(sequence_log_likelihoods(model, labels, inputs, targets), expected)
+    model.train()  # with class dropout of its own the labels would not be the ones given
+    with pytest.raises(ValueError, match="class_dropout_prob"):
+        sequence_log_likelihoods(model, labels, inputs, targets)
+
+
+def _gradient(model, value: torch.Tensor) -> torch.Tensor:
+    grads = torch.autograd.grad(value, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, model.parameters())]
+    )
+
+
+def test_cca_gradient_at_the_reference_raises_own_class_and_lowers_mismatched_likelihood():
+    pipe = tiny_pipeline()
+    model, images = _trainable(pipe), tiny_images(4)
+    reference = frozen_reference(model)
+    inputs, targets = teacher_forcing_batch(pipe.vqvae, images)
+    labels, beta, lam, null_prob = torch.tensor([1, 2, 3, 4]), 0.1, 5.0, 0.3
+    torch.manual_seed(11)
+    loss, metrics = cca_batch_loss(model, reference, labels, inputs, targets, beta, lam, null_prob)
+    torch.manual_seed(11)  # the same null rows and mismatched classes the loss drew
+    null = null_rows(4, null_prob, labels.device)
+    own, other = torch.where(null, 10, labels), torch.where(null, 10, mismatched_labels(labels, 10))
+    assert not (other == labels).any() or null[other == labels].all()
+    # at θ = ref every ratio is 0: the loss is log 2 per term and its gradient is β/2 · (−∇ own + λ ∇ mismatched)
+    conditional = (~null).float()
+    assert loss.item() == pytest.approx(math.log(2) * (1 + lam * conditional.mean().item()) / max(1, lam), rel=1e-6)
+    assert metrics.reward_margin == 0.0 and metrics.reward_positive == 0.0
+    grad_loss = _gradient(model, loss)
+    grad_own = _gradient(model, sequence_log_likelihoods(model, own, inputs, targets).mean())
+    grad_other = _gradient(model, (sequence_log_likelihoods(model, other, inputs, targets) * conditional).mean())
+    expected = beta / 2 * (-grad_own + lam * grad_other) / max(1, lam)
+    torch.testing.assert_close(grad_loss, expected, rtol=1e-4, atol=1e-7)
+    # a small step along −∇L therefore raises the own-class likelihood and lowers the mismatched one
+    assert (-grad_loss @ grad_own) > 0 or lam * (grad_other @ grad_own) > grad_own @ grad_own
+    assert torch.count_nonzero(grad_own) > 0 and torch.count_nonzero(grad_other) > 0
+
+
+def test_ddo_gradient_at_the_reference_raises_real_and_lowers_sample_likelihood():
+    pipe = tiny_pipeline()
+    model = _trainable(pipe)
+    reference = frozen_reference(model)
+    real = (torch.tensor([1, 2, 3]), *teacher_forcing_batch(pipe.vqvae, tiny_images(3, seed=1)))
+    fake = (torch.tensor([5, 6]), *teacher_forcing_batch(pipe.vqvae, tiny_images(2, seed=2)))
+    alpha, beta = 3.0, 0.2
+    loss, metrics = ddo_batch_loss(model, reference, real, fake, alpha, beta, null_prob=0.0)
+    assert loss.item() == pytest.approx(math.log(2) * (1 + alpha) / alpha, rel=1e-6)
+    assert metrics.accuracy_real == 0.0 and metrics.accuracy_fake == 0.0  # an undecided discriminator
+    grad_loss = _gradient(model, loss)
+    grad_real = _gradient(model, sequence_log_likelihoods(model, *real).mean())
+    grad_fake = _gradient(model, sequence_log_likelihoods(model, *fake).mean())
+    torch.testing.assert_close(grad_loss, beta / 2 * (-grad_real + alpha * grad_fake) / alpha, rtol=1e-4, atol=1e-7)
+    # with α = 0 the step only raises the real images' likelihood
+    loss_real_only, _ = ddo_batch_loss(model, reference, real, fake, 0.0, beta, null_prob=0.0)
+    step = -_gradient(model, loss_real_only)
+    assert step @ grad_real > 0 and step @ grad_fake != 0
+
+
+def test_the_reference_never_changes_while_the_model_trains():
+    pipe = tiny_pipeline()
+    model = _trainable(pipe)
+    reference = frozen_reference(model)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    assert not any(p.requires_grad for p in reference.parameters()) and not reference.training
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(model.parameters(), reference.parameters()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    inputs, targets = teacher_forcing_batch(pipe.vqvae, tiny_images(4))
+    for _ in range(3):
+        loss, _ = cca_batch_loss(model, reference, torch.tensor([0, 1, 2, 3]), inputs, targets, 0.5, 1.0, 0.25)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = reference.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert max_relative_difference(model.state_dict(), before) > 1e-4, "the trained model did not move"
+
+
+def test_an_offloaded_reference_scores_the_same():
+    pipe = tiny_pipeline()
+    inputs, targets = teacher_forcing_batch(pipe.vqvae, tiny_images(2))
+    labels = torch.tensor([3, 7])
+    plain = sequence_log_likelihoods(frozen_reference(pipe.transformer), labels, inputs, targets)
+    offloaded = frozen_reference(pipe.transformer, offload_to="cpu")
+    assert hasattr(offloaded, "_hf_hook")
+    torch.testing.assert_close(sequence_log_likelihoods(offloaded, labels, inputs, targets), plain)
+
+
+def test_references_that_cannot_score_the_same_pyramids_are_refused():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="patch_nums"):
+        check_reference(tiny_transformer(patch_nums=(1, 2)), pipe.transformer)
+    with pytest.raises(ValueError, match="vocab_size"):
+        check_reference(tiny_transformer(vocab_size=24), pipe.transformer)
+    other_tokenizer = tiny_pipeline()
+    with torch.no_grad():
+        other_tokenizer.vqvae.quantizer.embedding.weight.add_(0.5)
+    with pytest.raises(ValueError, match="tokenizer"):
+        check_reference(other_tokenizer.transformer, pipe.transformer, other_tokenizer.vqvae, pipe.vqvae)
+    check_reference(tiny_pipeline().transformer, pipe.transformer, tiny_pipeline().vqvae, pipe.vqvae)
+
+
+def test_cca_needs_a_null_class_and_two_classes():
+    pipe = tiny_pipeline()
+    pipe.transformer.class_embedding = torch.nn.Embedding(10, pipe.transformer.config.embed_dim)
+    with pytest.raises(ValueError, match="null class"):
+        check_cca_model(pipe.transformer)
+    with pytest.raises(ValueError, match="1 class"):
+        check_cca_model(tiny_transformer(num_classes=1))
+
+
+def test_split_token_maps_inverts_flattening():
+    pipe = tiny_pipeline()
+    token_maps = pipe.vqvae.tokenize(tiny_images(2))
+    flat = torch.cat([t.flatten(1) for t in token_maps], dim=1)
+    patch_nums = tuple(pipe.vqvae.config.patch_nums)
+    assert all(torch.equal(a, b) for a, b in zip(split_token_maps(flat, patch_nums), token_maps))
+    with pytest.raises(ValueError, match="tokens"):
+        split_token_maps(flat[:, 1:], patch_nums)
+
+
+# -- train_var.py --objective cca|ddo --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("post_training")
+    tiny_pipeline().save_pretrained(root / "pipe")
+    make_imagefolder(root / "data", classes=("a", "b", "c"), per_class=4, size=(10, 8))
+    return root
+
+
+def test_cca_run_writes_a_pipeline_with_its_card_and_reward_logs(workspace):
+    run(
+        workspace, "cca", "--objective", "cca", "--cca_beta", "0.5", "--cca_lambda", "2", "--train_batch_size", "4",
+        "--max_train_steps", "3", "--report_to", "tensorboard", "--use_ema", "--ema_decay", "0.5",
+        "--class_dropout_prob", "0.25",
+    )  # fmt: skip
+    out = workspace / "cca"
+    pipe = VARPipeline.from_pretrained(out)
+    assert pipe.transformer.config.class_dropout_prob == 0.25  # the objective drew the null rows; the rate is kept
+    assert max_relative_difference(weights(out), weights(workspace / "pipe")) > 1e-4
+    assert "Condition Contrastive Alignment (β = 0.5, λ = 2.0)" in (out / "README.md").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(out / "logs" / "train_var")).Reload().Tags()["scalars"]
+    for tag in ("train/loss", "train/reward_margin", "train/reward_accuracy", "train/reward_positive"):
+        assert tag in scalars, tag
+
+
+def test_ddo_rounds_resume_exactly_and_move_the_reference(workspace):
+    common = [
+        "--objective", "ddo", "--ddo_alpha", "2", "--ddo_beta", "0.5", "--ddo_rounds", "2", "--train_batch_size", "2",
+        "--max_train_steps", "4", "--checkpointing_steps", "1", "--ddo_samples_per_round", "6",
+        "--ddo_generation_batch_size", "4", "--use_ema", "--ema_decay", "0.5", "--class_dropout_prob", "0.3",
+    ]  # fmt: skip
+    result = run(workspace, "ddo-straight", *common)
+    assert "2 round(s) of 2 steps, 6 reference samples per round" in result.stderr
+    straight = workspace / "ddo-straight"
+    # round 0's reference is the starting model, round 1's the model after step 2 (before EMA): never the moving one
+    round0, round1 = straight / "self_play" / "round-000", straight / "self_play" / "round-001"
+    start = load_file(workspace / "pipe" / "transformer" / "model.safetensors")
+    assert max_relative_difference(load_file(round0 / "reference.safetensors"), start) == 0
+    after_step_2 = load_file(straight / "checkpoint-2" / "model.safetensors")
+    assert max_relative_difference(load_file(round1 / "reference.safetensors"), after_step_2) == 0
+    samples = load_file(round0 / "samples-00000.safetensors")
+    assert samples["targets"].shape == (4, 1 + 4 + 16) and samples["class_labels"].tolist() == [0, 1, 2, 3]
+    assert load_file(round0 / "samples-00001.safetensors")["class_labels"].tolist() == [4, 5]
+    assert json.loads((round1 / "round.json").read_text())["round"] == 1
+    assert (
+        "Direct Discriminative Optimization (α = 2.0, β = 0.5, 2 self-play round(s))"
+        in (straight / "README.md").read_text()
+    )
+
+    # killed in round 1 after step 3, with one of round 1's sample files lost: resumed, it equals the straight run
+    emulate_kill_after(workspace, "ddo-straight", "ddo-killed", 3)
+    (workspace / "ddo-killed" / "self_play").mkdir()
+    for folder in (round0, round1):
+        target = workspace / "ddo-killed" / "self_play" / folder.name
+        target.mkdir()
+        for file in folder.iterdir():
+            if file.name != "samples-00001.safetensors" or folder is round0:
+                target.joinpath(file.name).write_bytes(file.read_bytes())
+    run(workspace, "ddo-killed", *common, "--resume_from_checkpoint", "latest")
+    killed = workspace / "ddo-killed"
+    assert max_relative_difference(weights(killed), weights(straight)) <= 1e-6
+    redrawn = load_file(killed / "self_play" / "round-001" / "samples-00001.safetensors")
+    assert torch.equal(redrawn["targets"], load_file(round1 / "samples-00001.safetensors")["targets"])
+
+
+def test_ddo_samples_are_reproducible_for_a_seed(workspace):
+    common = [
+        "--objective", "ddo", "--train_batch_size", "2", "--max_train_steps", "1", "--ddo_samples_per_round", "5",
+        "--checkpointing_steps", "10",
+    ]  # fmt: skip
+    run(workspace, "ddo-seed-a", *common, "--ddo_generation_batch_size", "5")
+    run(workspace, "ddo-seed-b", *common, "--ddo_generation_batch_size", "2")  # other batches, same samples
+    run(workspace, "ddo-seed-c", *common, "--ddo_generation_batch_size", "5", "--seed", "1")
+
+    def samples(name):
+        folder = workspace / name / "self_play" / "round-000"
+        parts = [load_file(p) for p in sorted(folder.glob("samples-*.safetensors"))]
+        return torch.cat([p["targets"] for p in parts]), torch.cat([p["class_labels"] for p in parts])
+
+    (a, labels_a), (b, labels_b), (c, _) = samples("ddo-seed-a"), samples("ddo-seed-b"), samples("ddo-seed-c")
+    assert torch.equal(a, b) and torch.equal(labels_a, labels_b) and labels_a.tolist() == [0, 1, 2, 3, 4]
+    assert not torch.equal(a, c)
+
+
+def test_ddo_refuses_a_cache_of_another_run(workspace):
+    result = run(
+        workspace, "ddo-seed-a", "--objective", "ddo", "--train_batch_size", "2", "--max_train_steps", "1",
+        "--ddo_samples_per_round", "7", "--checkpointing_steps", "10", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "belongs to a run with other settings" in result.stderr
+    assert "num_samples: cached 5, now 7" in result.stderr
+
+
+def _train_var_module():
+    spec = importlib.util.spec_from_file_location("train_var_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--objective", "dpo"], "invalid choice: 'dpo'"),
+        (["--objective", "cca", "--cca_beta", "-0.1"], "--cca_beta must be > 0"),
+        (["--objective", "cca", "--cca_lambda", "-1"], "--cca_lambda must be ≥ 0"),
+        (["--objective", "ddo", "--ddo_alpha", "-2"], "--ddo_alpha must be ≥ 0"),
+        (["--objective", "ddo", "--ddo_beta", "0"], "--ddo_beta must be > 0"),
+        (["--objective", "ddo", "--ddo_samples_per_round", "0"], "DDO needs the reference's samples"),
+        (["--objective", "ddo", "--ddo_rounds", "0"], "--ddo_rounds must be ≥ 1"),
+        (["--objective", "cca", "--ddo_alpha", "3"], "--ddo_alpha set(s) --objective ddo"),
+        (["--cca_lambda", "3"], "--cca_lambda set(s) --objective cca, and the objective is ce"),
+        (["--reference_model", "x"], "belong to --objective cca or ddo"),
+        (["--objective", "cca", "--lora_rank", "4"], "leave out --lora_rank"),
+        (["--objective", "ddo", "--retrieval_datastore", "d"], "does not train retrieval conditioning"),
+        (
+            ["--objective", "ddo", "--model_config", "c.json", "--vqvae_name_or_path", "t"],
+            "post-trains a trained model against itself as reference and samples it",
+        ),
+    ],
+)
+def test_bad_post_training_flags_are_refused(extra, message, capsys):
+    source = [] if "--model_config" in extra else ["--pretrained_model_name_or_path", "pipe"]
+    with pytest.raises(SystemExit) as exit_info:
+        _train_var_module().parse_args([*source, "--train_data_dir", "data", *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_reference_with_other_scales_is_refused(workspace):
+    tiny_pipeline(patch_nums=(1, 2)).save_pretrained(workspace / "other-scales")
+    result = run(
+        workspace, "refused", "--objective", "cca", "--reference_model", str(workspace / "other-scales"),
+        "--max_train_steps", "1", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "The reference model's patch_nums is [1, 2]" in result.stderr
+    assert not (workspace / "refused" / "model_index.json").exists()
+
+
+def test_a_log_likelihood_sanity_check_against_cross_entropy():
+    pipe = tiny_pipeline()
+    model = pipe.transformer.eval()
+    inputs, targets = teacher_forcing_batch(pipe.vqvae, tiny_images(2))
+    labels = torch.tensor([1, 2])
+    out = model(labels, inputs, labels=targets)
+    total = sequence_log_likelihoods(model, labels, inputs, targets)
+    # the model's own loss (no label smoothing) is the mean token cross-entropy: −Σ log p / L
+    logits = out.logits.float()
+    assert F.cross_entropy(logits.transpose(1, 2), targets).item() == pytest.approx(
+        -total.mean().item() / targets.shape[1], rel=1e-5
+    )
