@@ -449,6 +449,7 @@ class SelfPlay:
             "rounds": args.ddo_rounds,
             "steps_per_round": self.steps_per_round,
             "num_samples": self.num_samples,
+            "generation_batch_size": args.ddo_generation_batch_size,  # the cache's file layout
             "tokenizer": tokenizer_fingerprint(vqvae),
         }
         self.round, self.reference = None, None

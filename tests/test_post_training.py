@@ -20,7 +20,7 @@ from diffusers_var.training.cca import cca_batch_loss, cca_loss, check_cca_model
 from diffusers_var.training.ddo import ddo_batch_loss, ddo_loss
 from diffusers_var.training.objective import sequence_log_likelihoods, teacher_forcing_batch
 from diffusers_var.training.reference import check_reference, disable_dropout, frozen_reference
-from diffusers_var.training.self_play import split_token_maps
+from diffusers_var.training.self_play import WRITTEN_BY, SelfPlayRound, draw_samples, split_token_maps
 
 
 def _log_sigmoid(x: float) -> float:
@@ -236,13 +236,21 @@ def test_cca_run_writes_a_pipeline_with_its_card_and_reward_logs(workspace):
         assert tag in scalars, tag
 
 
-def test_ddo_rounds_resume_exactly_and_move_the_reference(workspace):
-    common = [
-        "--objective", "ddo", "--ddo_alpha", "2", "--ddo_beta", "0.5", "--ddo_rounds", "2", "--train_batch_size", "2",
-        "--max_train_steps", "4", "--checkpointing_steps", "1", "--ddo_samples_per_round", "6",
-        "--ddo_generation_batch_size", "4", "--use_ema", "--ema_decay", "0.5", "--class_dropout_prob", "0.3",
-    ]  # fmt: skip
-    result = run(workspace, "ddo-straight", *common)
+DDO_STRAIGHT = [
+    "--objective", "ddo", "--ddo_alpha", "2", "--ddo_beta", "0.5", "--ddo_rounds", "2", "--train_batch_size", "2",
+    "--max_train_steps", "4", "--checkpointing_steps", "1", "--ddo_samples_per_round", "6",
+    "--ddo_generation_batch_size", "4", "--use_ema", "--ema_decay", "0.5", "--class_dropout_prob", "0.3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddo_straight(workspace):
+    """A DDO run of two rounds of two steps, uninterrupted."""
+    return run(workspace, "ddo-straight", *DDO_STRAIGHT)
+
+
+def test_ddo_rounds_resume_exactly_and_move_the_reference(workspace, ddo_straight):
+    common, result = DDO_STRAIGHT, ddo_straight
     assert "2 round(s) of 2 steps, 6 reference samples per round" in result.stderr
     straight = workspace / "ddo-straight"
     # round 0's reference is the starting model, round 1's the model after step 2 (before EMA): never the moving one
@@ -276,32 +284,54 @@ def test_ddo_rounds_resume_exactly_and_move_the_reference(workspace):
     assert torch.equal(redrawn["targets"], load_file(round1 / "samples-00001.safetensors")["targets"])
 
 
-def test_ddo_samples_are_reproducible_for_a_seed(workspace):
+def test_ddo_samples_are_reproducible_for_a_seed(workspace, ddo_straight):
+    # the same settings as the straight run of the test above, into another folder: the same files; seed 1 differs
     common = [
-        "--objective", "ddo", "--train_batch_size", "2", "--max_train_steps", "1", "--ddo_samples_per_round", "5",
-        "--checkpointing_steps", "10",
+        "--objective", "ddo", "--train_batch_size", "2", "--max_train_steps", "1", "--ddo_samples_per_round", "6",
+        "--ddo_generation_batch_size", "4", "--checkpointing_steps", "10",
     ]  # fmt: skip
-    run(workspace, "ddo-seed-a", *common, "--ddo_generation_batch_size", "5")
-    run(workspace, "ddo-seed-b", *common, "--ddo_generation_batch_size", "2")  # other batches, same samples
-    run(workspace, "ddo-seed-c", *common, "--ddo_generation_batch_size", "5", "--seed", "1")
+    run(workspace, "ddo-seed-0", *common)
+    run(workspace, "ddo-seed-1", *common, "--seed", "1")
 
     def samples(name):
         folder = workspace / name / "self_play" / "round-000"
         parts = [load_file(p) for p in sorted(folder.glob("samples-*.safetensors"))]
         return torch.cat([p["targets"] for p in parts]), torch.cat([p["class_labels"] for p in parts])
 
-    (a, labels_a), (b, labels_b), (c, _) = samples("ddo-seed-a"), samples("ddo-seed-b"), samples("ddo-seed-c")
-    assert torch.equal(a, b) and torch.equal(labels_a, labels_b) and labels_a.tolist() == [0, 1, 2, 3, 4]
+    (a, labels_a), (b, labels_b), (c, _) = samples("ddo-seed-0"), samples("ddo-straight"), samples("ddo-seed-1")
+    assert torch.equal(a, b) and torch.equal(labels_a, labels_b) and labels_a.tolist() == [0, 1, 2, 3, 4, 5]
     assert not torch.equal(a, c)
 
 
-def test_ddo_refuses_a_cache_of_another_run(workspace):
-    result = run(
-        workspace, "ddo-seed-a", "--objective", "ddo", "--train_batch_size", "2", "--max_train_steps", "1",
-        "--ddo_samples_per_round", "7", "--checkpointing_steps", "10", check=False,
-    )  # fmt: skip
-    assert result.returncode != 0 and "belongs to a run with other settings" in result.stderr
-    assert "num_samples: cached 5, now 7" in result.stderr
+def test_a_sample_does_not_depend_on_the_batch_it_is_drawn_in():
+    pipe = tiny_pipeline()
+    labels, seeds = [0, 1, 2, 3, 4], [11, 12, 13, 14, 15]
+    args = (pipe.transformer, pipe.vqvae, pipe.scheduler)
+    together = draw_samples(*args, labels, seeds, "cpu")
+    apart = torch.cat(
+        [draw_samples(*args, labels[:2], seeds[:2], "cpu"), draw_samples(*args, labels[2:], seeds[2:], "cpu")]
+    )
+    assert together.shape == (5, 21) and torch.equal(together, apart)
+    assert not torch.equal(draw_samples(*args, labels, [s + 1 for s in seeds], "cpu"), together)
+
+
+def test_a_self_play_cache_of_other_settings_or_foreign_files_is_refused(tmp_path):
+    settings = {"seed": 0, "rounds": 2, "num_samples": 6}
+    folder = tmp_path / "round-000"
+    folder.mkdir()
+    record = {"written_by": WRITTEN_BY, **settings, "round": 0, "reference_sha256": "x"}
+    (folder / "round.json").write_text(json.dumps(record))
+    assert SelfPlayRound(tmp_path, 0, settings)._check_settings()["reference_sha256"] == "x"
+    with pytest.raises(ValueError, match="num_samples: cached 6, now 7"):
+        SelfPlayRound(tmp_path, 0, {**settings, "num_samples": 7})._check_settings()
+    (folder / "round.json").write_text(json.dumps({**record, "written_by": "someone"}))
+    with pytest.raises(ValueError, match="not written by"):
+        SelfPlayRound(tmp_path, 0, settings)._check_settings()
+    (folder / "round.json").unlink()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="no round.json"):
+        SelfPlayRound(tmp_path, 0, settings)._check_settings()
+    assert SelfPlayRound(tmp_path, 1, settings)._check_settings() is None  # a new round: nothing there yet
 
 
 def _train_var_module():

@@ -69,7 +69,7 @@ def draw_samples(
     scheduler: VARScaleScheduler,
     class_labels: list[int],
     seeds: list[int],
-    device: torch.device,
+    device: torch.device | str,
 ) -> torch.LongTensor:
     """Token pyramids (n, L) of the reference's own samples for these classes and per-sample seeds: sampled with
     VARPipeline (guidance 1, no top-k or top-p), decoded, rounded to 8-bit pixels and tokenized again."""
