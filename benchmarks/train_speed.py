@@ -8,18 +8,27 @@ step time of ``--repeats`` steps after ``--warmup`` untimed ones. ``--lora-rank 
 ``sample_speed.py`` (CUDA allocator peak, or the process peak RSS on CPU). Random weights time the same work as
 real ones.
 
+``--objective cca|ddo`` times a post-training step instead (train_var.py ``--objective``): the trained model and a
+frozen reference (``--offload-reference``: kept in CPU memory) scoring each image under two labels (CCA) or the real
+images beside as many reference samples (DDO; random token pyramids stand in for the samples, whose drawing once per
+round is not part of the step). Tokens/s counts the real images' tokens, so it compares the cost per training image.
+``--objective all`` runs ce, cca and ddo each in its own process (peak memory is per process) and prints the three
+results with their ratios to ce.
+
 Examples::
 
     python benchmarks/train_speed.py --preset var-d16 --batch-size 4 --threads 2
     python benchmarks/train_speed.py --preset var-d16 --device cuda --precision bf16 --batch-size 64
     python benchmarks/train_speed.py --tiny --target vqvae --repeats 5
     python benchmarks/train_speed.py --model var-digits --batch-size 64 --lora-rank 4   # vs. without --lora-rank
+    python benchmarks/train_speed.py --model var-digits --batch-size 64 --objective all --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,8 +40,12 @@ from sample_speed import random_pipeline, spread_labels, time_sampling  # noqa: 
 
 from diffusers_var import VARPipeline  # noqa: E402
 from diffusers_var.convert import PRESETS  # noqa: E402
+from diffusers_var.training.cca import cca_batch_loss  # noqa: E402
+from diffusers_var.training.ddo import ddo_batch_loss  # noqa: E402
 from diffusers_var.training.objective import teacher_forcing_batch, var_loss  # noqa: E402
 from diffusers_var.training.optim import make_optimizer  # noqa: E402
+from diffusers_var.training.reference import disable_dropout, frozen_reference  # noqa: E402
+from diffusers_var.training.self_play import split_token_maps  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,14 +63,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank only (transformer)")
+    parser.add_argument(
+        "--objective", choices=("ce", "cca", "ddo", "all"), default="ce", help="the transformer's training objective"
+    )
+    parser.add_argument("--offload-reference", action="store_true", help="cca/ddo: the reference in CPU memory")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
+def compare_objectives(argv: list[str]) -> dict:
+    """``--objective all``: each objective in its own process (peak memory is per process), and ratios to ce."""
+    base = [a for i, a in enumerate(argv) if a != "--objective" and (i == 0 or argv[i - 1] != "--objective")]
+    results = {}
+    for objective in ("ce", "cca", "ddo"):
+        command = [sys.executable, str(Path(__file__).resolve()), *base, "--objective", objective]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[objective] = json.loads(output)
+    ce = results["ce"]
+    summary = {
+        "objectives": results,
+        "relative_to_ce": {
+            name: {
+                "tokens_per_s": round(result["tokens_per_s"] / ce["tokens_per_s"], 3),
+                "peak_memory": round(result["peak_memory_mib"] / ce["peak_memory_mib"], 3)
+                if result.get("peak_memory_mib") and ce.get("peak_memory_mib")
+                else None,
+            }
+            for name, result in results.items()
+        },
+    }
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.objective == "all":
+        return compare_objectives(argv)
+    if args.objective != "ce" and (args.target != "transformer" or args.lora_rank):
+        raise ValueError("--objective cca/ddo post-trains the whole transformer: --target transformer, no --lora-rank.")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.precision == "fp16" and args.device == "cpu":
@@ -83,9 +130,26 @@ def main(argv: list[str] | None = None) -> dict:
             if args.lora_rank:
                 model.enable_input_require_grads()
 
+        reference = None
+        if args.objective != "ce":
+            model.config.class_dropout_prob = 0.0  # the objectives draw the null-class rows (as train_var.py)
+            disable_dropout(model)
+            offload = args.device if args.offload_reference else None
+            reference = frozen_reference(model, offload_to=offload)
+            reference = reference if offload else reference.to(args.device)
+        tokens = sum(p * p for p in vqvae.config.patch_nums)
+        fake_targets = torch.randint(transformer.config.vocab_size, (args.batch_size, tokens), generator=generator)
+        fake_targets = fake_targets.to(args.device)
+
         def loss_fn() -> torch.Tensor:
             inputs, targets = teacher_forcing_batch(vqvae, images)
             with autocast:
+                if args.objective == "cca":
+                    return cca_batch_loss(model, reference, labels, inputs, targets)[0]
+                if args.objective == "ddo":
+                    fake_maps = split_token_maps(fake_targets, tuple(vqvae.config.patch_nums))
+                    fake = (labels, vqvae.next_scale_inputs(fake_maps), fake_targets)
+                    return ddo_batch_loss(model, reference, (labels, inputs, targets), fake)[0]
                 return var_loss(model, labels, inputs, targets)[0]
 
     else:
@@ -117,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "gradient_checkpointing": args.gradient_checkpointing,
         "lora_rank": args.lora_rank,
+        "objective": args.objective if args.target == "transformer" else None,
+        "offload_reference": args.offload_reference,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokens_per_image": tokens_per_image,

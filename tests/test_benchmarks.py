@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -32,3 +34,20 @@ def test_train_speed_prints_json(capsys):
     assert result["tokens_per_image"] == 1 + 4 + 16 and result["target"] == "transformer"
     result = module.main(["--tiny", "--target", "vqvae", "--precision", "bf16", "--repeats", "1", "--warmup", "0"])
     assert result["tokens_per_s"] > 0 and result["precision"] == "bf16"
+
+
+def test_train_speed_times_the_post_training_objectives_against_ce(capsys):
+    module = _load("train_speed")
+    common = ["--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    for objective in ("cca", "ddo"):
+        result = module.main([*common, "--objective", objective])
+        assert result["objective"] == objective and result["tokens_per_s"] > 0
+    offloaded = module.main([*common, "--objective", "cca", "--offload-reference"])
+    assert offloaded["offload_reference"] and offloaded["tokens_per_s"] > 0
+    capsys.readouterr()
+    summary = module.main([*common, "--objective", "all"])
+    assert json.loads(capsys.readouterr().out) == summary
+    assert set(summary["objectives"]) == {"ce", "cca", "ddo"} and summary["relative_to_ce"]["ce"]["tokens_per_s"] == 1
+    assert all(summary["relative_to_ce"][name]["peak_memory"] > 0 for name in ("cca", "ddo"))
+    with pytest.raises(ValueError, match="whole transformer"):
+        module.main([*common, "--objective", "ddo", "--lora-rank", "2"])
