@@ -6,7 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -391,3 +395,32 @@ def test_a_log_likelihood_sanity_check_against_cross_entropy():
     assert F.cross_entropy(logits.transpose(1, 2), targets).item() == pytest.approx(
         -total.mean().item() / targets.shape[1], rel=1e-5
     )
+
+
+def test_the_post_training_recipe_runs_in_smoke_form(tmp_path):
+    """examples/post_training/run_recipe.py end to end at toy size (the full recipe takes 15-20 minutes)."""
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "post_training" / "run_recipe.py"
+    command = [sys.executable, str(recipe), "--objective", "ddo", "--output-dir", str(tmp_path / "run")]
+    command += ["--smoke", "--threads", "1"]
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["runs"]) == {f"{m}, guidance {g}" for m in ("var-digits", "post-trained") for g in ("1.0", "2.5")}
+    for row in report["runs"].values():
+        assert row["samples"] == 20 and 0 <= row["misread_percent"] <= 100 and row["images_per_s"] > 0
+    assert "speed-up, post-trained without guidance over var-digits with guidance 2.5" in report["comparisons"]
+    assert "| post-trained, guidance 1.0 |" in (run_dir / "report.md").read_text()
+    assert PIL.Image.open(run_dir / "grid.png").size[1] == 20 + 10 * 48
+    assert (run_dir / "pipeline" / "self_play" / "round-001" / "reference.safetensors").is_file()
+    assert "Direct Discriminative Optimization" in (run_dir / "pipeline" / "README.md").read_text()
+    # the recipe's folder is its own: other arguments, or someone else's files, are refused
+    result = subprocess.run([*command, "--seed", "3"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0 and "holds a run with other arguments (seed: 0 → 3)" in result.stderr
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep")
+    command[command.index(str(tmp_path / "run"))] = str(tmp_path / "theirs")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0 and "not made by this recipe" in result.stderr
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep"
