@@ -189,6 +189,10 @@ def check_post_training_arguments(parser: argparse.ArgumentParser, args: argpars
         )
     if args.lora_rank:
         parser.error(f"--objective {args.objective} fine-tunes the whole transformer; leave out --lora_rank")
+    if args.label_smoothing:
+        parser.error(
+            f"--label_smoothing shapes the cross-entropy; --objective {args.objective} compares exact log-likelihoods"
+        )
     if args.retrieval_datastore:
         parser.error(f"--objective {args.objective} does not train retrieval conditioning; use --objective ce")
     if args.objective == "ddo":
@@ -315,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     micro_step = 0  # the micro-batch within an optimiser step (gradient accumulation)
     for batch in training_batches(accelerator, loader, train_set, plan, resume, global_step):
         if self_play is not None:  # a new round (or the round a resumed run is in): its reference and samples
-            reference = self_play.reference_for_step(global_step, accelerator.unwrap_model(transformer))
+            reference = self_play.reference_for_step(global_step, transformer)
         with accelerator.accumulate(transformer):
             inputs, targets = teacher_forcing_batch(vqvae, batch["pixel_values"])
             labels = batch["class_labels"]
@@ -441,7 +445,7 @@ class SelfPlay:
 
         self.args, self.accelerator, self.vqvae, self.scheduler = args, accelerator, vqvae, scheduler
         self.first_reference = first_reference
-        self.first_digest = weights_digest(first_reference)
+        self.first_digest = weights_digest(first_reference.state_dict())
         self.steps_per_round = math.ceil(plan.max_steps / args.ddo_rounds)
         self.num_samples = args.ddo_samples_per_round or self.steps_per_round * plan.global_batch
         self.settings = {
@@ -458,15 +462,21 @@ class SelfPlay:
             f"per round, α = {args.ddo_alpha}, β = {args.ddo_beta}"
         )
 
-    def reference_for_step(self, global_step: int, model: VARTransformer) -> VARTransformer:
+    def reference_for_step(self, global_step: int, model) -> VARTransformer:
+        """The reference of the round ``global_step`` is in (``model``: the trained model, as prepared)."""
         from diffusers_var.training.self_play import SelfPlayRound
 
         index = min(global_step // self.steps_per_round, self.args.ddo_rounds - 1)
         if self.round is None or self.round.index != index:
             self.round = SelfPlayRound(Path(self.args.output_dir) / "self_play", index, self.settings)
+            if index == 0:
+                start_weights = self.first_reference.state_dict
+            else:  # the full weights, also of a sharded model (collective: every process calls it)
+                start_weights = lambda: self.accelerator.get_state_dict(model)  # noqa: E731
             self.reference = self.round.prepare(
                 self.accelerator,
-                self.first_reference if index == 0 else model,
+                self.first_reference.config,
+                start_weights,
                 self.vqvae,
                 self.scheduler,
                 make_reference(self.args, self.accelerator),

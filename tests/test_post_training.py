@@ -359,6 +359,7 @@ def _train_var_module():
         (["--cca_lambda", "3"], "--cca_lambda set(s) --objective cca, and the objective is ce"),
         (["--reference_model", "x"], "belong to --objective cca or ddo"),
         (["--objective", "cca", "--lora_rank", "4"], "leave out --lora_rank"),
+        (["--objective", "cca", "--label_smoothing", "0.1"], "--label_smoothing shapes the cross-entropy"),
         (["--objective", "ddo", "--retrieval_datastore", "d"], "does not train retrieval conditioning"),
         (
             ["--objective", "ddo", "--model_config", "c.json", "--vqvae_name_or_path", "t"],
@@ -424,3 +425,14 @@ def test_the_post_training_recipe_runs_in_smoke_form(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode != 0 and "not made by this recipe" in result.stderr
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep"
+
+
+def test_the_documented_fsdp_configuration_is_one_accelerate_reads():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "post_training" / "fsdp_d30.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "VARBlock"
+    from diffusers_var.models import transformer
+
+    assert hasattr(transformer, config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])

@@ -38,10 +38,10 @@ WRITTEN_BY = "diffusers-var train_var.py --objective ddo"
 _ROUND_SEED_OFFSET = 1000  # keeps the self-play samples apart from `diffusers-var generate --seed` (candidate 0)
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over a model's state dict (names, dtypes, shapes and bytes), in key order."""
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict (names, dtypes, shapes and bytes), in key order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state_dict.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
@@ -137,7 +137,8 @@ class SelfPlayRound:
     def prepare(
         self,
         accelerator: Accelerator,
-        current_model: VARTransformer,
+        config,
+        start_weights: Callable[[], dict[str, torch.Tensor]],
         vqvae: MultiScaleVQVAE,
         scheduler: VARScaleScheduler,
         make_reference: Callable[[VARTransformer], VARTransformer],
@@ -145,8 +146,12 @@ class SelfPlayRound:
         generation_batch_size: int = 64,
         expected_reference_digest: str | None = None,
     ) -> VARTransformer:
-        """The round's frozen reference (``make_reference`` of the cached weights, or of ``current_model`` when the
+        """The round's frozen reference (``make_reference`` of the cached weights, or of ``start_weights()`` when the
         round starts now), with its samples drawn or loaded. Every process draws its share of the missing chunks.
+
+        ``config``: the transformer's ``VARConfig``. ``start_weights``: the full state dict of the model the round
+        starts from; every process calls it (gathering sharded weights is collective, e.g. accelerate's
+        ``get_state_dict`` under FSDP), and the main process saves it as the round's reference.
 
         ``expected_reference_digest``: round 0's reference must be the run's starting reference; a cache whose
         reference differs belongs to another base model and is refused.
@@ -158,7 +163,8 @@ class SelfPlayRound:
         with torch.random.fork_rng(devices=devices):
             return self._prepare(
                 accelerator,
-                current_model,
+                config,
+                start_weights,
                 vqvae,
                 scheduler,
                 make_reference,
@@ -170,7 +176,8 @@ class SelfPlayRound:
     def _prepare(
         self,
         accelerator,
-        current_model,
+        config,
+        start_weights,
         vqvae,
         scheduler,
         make_reference,
@@ -180,14 +187,19 @@ class SelfPlayRound:
     ) -> VARTransformer:
         from safetensors.torch import load_file
 
-        num_classes = current_model.config.num_classes
+        num_classes = config.num_classes
         recorded = self._check_settings() if accelerator.is_main_process else None
-        if accelerator.is_main_process and recorded is None:
+        # every process knows whether the round starts now (gathering the weights is collective)
+        starts_now = [recorded is None] if accelerator.is_main_process else [None]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            starts_now = broadcast_object_list(starts_now)
+        weights = start_weights() if starts_now[0] else None
+        if accelerator.is_main_process and starts_now[0]:
             self.directory.mkdir(parents=True, exist_ok=True)
-            digest = weights_digest(current_model)
-            _save_tensors_atomically(
-                current_model.state_dict(), self._reference_path(), {"written_by": WRITTEN_BY, "sha256": digest}
-            )
+            digest = weights_digest(weights)
+            _save_tensors_atomically(weights, self._reference_path(), {"written_by": WRITTEN_BY, "sha256": digest})
             record = {"written_by": WRITTEN_BY, **self.settings, "reference_sha256": digest}
             write_text_atomically(self.directory / "round.json", json.dumps(record, indent=1) + "\n")
         accelerator.wait_for_everyone()
@@ -197,11 +209,11 @@ class SelfPlayRound:
                 f"The self-play cache {self.directory} was drawn from another reference model than this run starts "
                 "from; use a new --output_dir."
             )
-        reference_model = VARTransformer(current_model.config)
+        reference_model = VARTransformer(config)
         state = load_file(self._reference_path())
-        reference_model.load_state_dict(state)
-        if weights_digest(reference_model) != recorded["reference_sha256"]:
+        if weights_digest(state) != recorded["reference_sha256"]:
             raise ValueError(f"{self._reference_path()} is damaged (its digest differs from round.json's).")
+        reference_model.load_state_dict(state)
         reference = make_reference(reference_model.to(accelerator.device))
 
         chunks = math.ceil(num_samples / generation_batch_size)
