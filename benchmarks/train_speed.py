@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.objective == "all":
         return compare_objectives(argv)
+    if args.offload_reference and args.objective == "ce":
+        raise ValueError("--offload-reference offloads the frozen reference of --objective cca or ddo; ce has none.")
     if args.objective != "ce" and (args.target != "transformer" or args.lora_rank):
         raise ValueError("--objective cca/ddo post-trains the whole transformer: --target transformer, no --lora-rank.")
     if args.threads:

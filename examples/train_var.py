@@ -37,6 +37,7 @@ LoRA: the adapter, as adapter_model.safetensors and adapter_config.json naming t
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 from pathlib import Path
@@ -314,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.objective == "cca":
         reference = make_reference(args, accelerator)(reference_start)
     elif args.objective == "ddo":
-        self_play = SelfPlay(args, accelerator, reference_start, vqvae, scheduler, plan, id2label)
+        self_play = SelfPlay(args, accelerator, reference_start, vqvae, scheduler, plan)
+    del reference_start  # the reference (or round 0) holds what it needs
     progress = tqdm(range(max_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     micro_step = 0  # the micro-batch within an optimiser step (gradient accumulation)
     for batch in training_batches(accelerator, loader, train_set, plan, resume, global_step):
@@ -323,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         with accelerator.accumulate(transformer):
             inputs, targets = teacher_forcing_batch(vqvae, batch["pixel_values"])
             labels = batch["class_labels"]
+            if args.objective == "ddo":  # the reference's samples, tokenized in full precision like the real images
+                fake = self_play.fake_batch(global_step, micro_step, args.train_batch_size)
             codes = None
             if datastore is not None:
                 codes = neighbour_codes(datastore, vqvae, batch["neighbour_rows"])
@@ -333,7 +337,6 @@ def main(argv: list[str] | None = None) -> None:
                         args.cca_beta, args.cca_lambda, args.class_dropout_prob,
                     )  # fmt: skip
                 elif args.objective == "ddo":
-                    fake = self_play.fake_batch(global_step, micro_step, args.train_batch_size)
                     loss, metrics = ddo_batch_loss(
                         transformer, reference, (labels, inputs, targets), fake,
                         args.ddo_alpha, args.ddo_beta, args.class_dropout_prob,
@@ -436,61 +439,71 @@ def make_reference(args: argparse.Namespace, accelerator):
 
 
 class SelfPlay:
-    """DDO's rounds: ``--ddo_rounds`` equal spans of the run; each starts with the latest model as the frozen
-    reference and draws its samples (cached in OUTPUT_DIR/self_play, see ``training.self_play``)."""
+    """DDO's rounds: ``--ddo_rounds`` spans of the run as equal as whole steps allow; each starts with the latest model
+    as the frozen reference and draws its samples (cached in OUTPUT_DIR/self_play, see ``training.self_play``)."""
 
-    def __init__(self, args, accelerator, first_reference, vqvae, scheduler, plan, id2label):
+    def __init__(self, args, accelerator, first_reference, vqvae, scheduler, plan):
         from diffusers_var.retrieval.datastore import tokenizer_fingerprint
-        from diffusers_var.training.self_play import weights_digest
 
         self.args, self.accelerator, self.vqvae, self.scheduler = args, accelerator, vqvae, scheduler
-        self.first_reference = first_reference
-        self.first_digest = weights_digest(first_reference.state_dict())
-        self.steps_per_round = math.ceil(plan.max_steps / args.ddo_rounds)
-        self.num_samples = args.ddo_samples_per_round or self.steps_per_round * plan.global_batch
+        self.first_reference = first_reference  # dropped once round 0 has saved it
+        if plan.max_steps < args.ddo_rounds:
+            raise ValueError(
+                f"--ddo_rounds {args.ddo_rounds} needs at least one step per round, and the run has {plan.max_steps}; "
+                "give fewer rounds or more --max_train_steps."
+            )
+        self.round_starts = [i * plan.max_steps // args.ddo_rounds for i in range(args.ddo_rounds)]
+        longest = math.ceil(plan.max_steps / args.ddo_rounds)
+        self.num_samples = args.ddo_samples_per_round or longest * plan.global_batch
         self.settings = {
             "seed": args.seed,
             "rounds": args.ddo_rounds,
-            "steps_per_round": self.steps_per_round,
+            "round_starts": self.round_starts,
             "num_samples": self.num_samples,
             "generation_batch_size": args.ddo_generation_batch_size,  # the cache's file layout
             "tokenizer": tokenizer_fingerprint(vqvae),
         }
         self.round, self.reference = None, None
         logger.info(
-            f"DDO: {args.ddo_rounds} round(s) of {self.steps_per_round} steps, {self.num_samples} reference samples "
-            f"per round, α = {args.ddo_alpha}, β = {args.ddo_beta}"
+            f"DDO: {args.ddo_rounds} round(s) of ~{longest} steps, {self.num_samples} reference samples per round, "
+            f"α = {args.ddo_alpha}, β = {args.ddo_beta}"
         )
 
     def reference_for_step(self, global_step: int, model) -> VARTransformer:
         """The reference of the round ``global_step`` is in (``model``: the trained model, as prepared)."""
         from diffusers_var.training.self_play import SelfPlayRound
 
-        index = min(global_step // self.steps_per_round, self.args.ddo_rounds - 1)
+        index = bisect.bisect_right(self.round_starts, global_step) - 1
         if self.round is None or self.round.index != index:
-            self.round = SelfPlayRound(Path(self.args.output_dir) / "self_play", index, self.settings)
+            self.round, self.reference = (
+                SelfPlayRound(Path(self.args.output_dir) / "self_play", index, self.settings),
+                None,
+            )
             if index == 0:
-                start_weights = self.first_reference.state_dict
+                config, start_weights = self.first_reference.config, self.first_reference.state_dict
             else:  # the full weights, also of a sharded model (collective: every process calls it)
+                config = self.accelerator.unwrap_model(model).config
                 start_weights = lambda: self.accelerator.get_state_dict(model)  # noqa: E731
             self.reference = self.round.prepare(
                 self.accelerator,
-                self.first_reference.config,
+                config,
                 start_weights,
                 self.vqvae,
                 self.scheduler,
                 make_reference(self.args, self.accelerator),
                 self.num_samples,
                 self.args.ddo_generation_batch_size,
-                expected_reference_digest=self.first_digest if index == 0 else None,
+                # round 0's start is always known (the first reference); a later one only when the run stands there
+                at_round_start=index == 0 or global_step == self.round_starts[index],
             )
+            self.first_reference = None  # saved with round 0; never needed again in this process
         return self.reference
 
     def fake_batch(self, global_step: int, micro_step: int, batch_size: int):
         """(labels, teacher-forcing inputs, targets) of this micro-batch's reference samples."""
         from diffusers_var.training.self_play import split_token_maps
 
-        step_in_round = global_step - self.round.index * self.steps_per_round
+        step_in_round = global_step - self.round_starts[self.round.index]
         labels, targets = self.round.fake_batch(step_in_round, micro_step, batch_size, self.accelerator)
         token_maps = split_token_maps(targets, tuple(self.vqvae.config.patch_nums))
         return labels, self.vqvae.next_scale_inputs(token_maps), targets

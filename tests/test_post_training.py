@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_images, tiny_pipeline, tiny_transformer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_train_var import SCRIPT, emulate_kill_after, max_relative_difference, run, weights
 from test_training_data import make_imagefolder
 
@@ -24,7 +24,7 @@ from diffusers_var.training.cca import cca_batch_loss, cca_loss, check_cca_model
 from diffusers_var.training.ddo import ddo_batch_loss, ddo_loss
 from diffusers_var.training.objective import sequence_log_likelihoods, teacher_forcing_batch
 from diffusers_var.training.reference import check_reference, disable_dropout, frozen_reference
-from diffusers_var.training.self_play import WRITTEN_BY, SelfPlayRound, draw_samples, split_token_maps
+from diffusers_var.training.self_play import WRITTEN_BY, SelfPlayRound, draw_samples, split_token_maps, weights_digest
 
 
 def _log_sigmoid(x: float) -> float:
@@ -255,7 +255,7 @@ def ddo_straight(workspace):
 
 def test_ddo_rounds_resume_exactly_and_move_the_reference(workspace, ddo_straight):
     common, result = DDO_STRAIGHT, ddo_straight
-    assert "2 round(s) of 2 steps, 6 reference samples per round" in result.stderr
+    assert "2 round(s) of ~2 steps, 6 reference samples per round" in result.stderr
     straight = workspace / "ddo-straight"
     # round 0's reference is the starting model, round 1's the model after step 2 (before EMA): never the moving one
     round0, round1 = straight / "self_play" / "round-000", straight / "self_play" / "round-001"
@@ -333,9 +333,20 @@ def test_a_self_play_cache_of_other_settings_or_foreign_files_is_refused(tmp_pat
         SelfPlayRound(tmp_path, 0, settings)._check_settings()
     (folder / "round.json").unlink()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="no round.json"):
+    with pytest.raises(ValueError, match="without a round.json"):
         SelfPlayRound(tmp_path, 0, settings)._check_settings()
+    assert (folder / "notes.txt").read_text() == "mine"
     assert SelfPlayRound(tmp_path, 1, settings)._check_settings() is None  # a new round: nothing there yet
+    # a sample file that is not ours is refused, a damaged one of ours is drawn again
+    round_ = SelfPlayRound(tmp_path, 0, settings)
+    save_file({"x": torch.zeros(2)}, round_._chunk_path(0), metadata={"written_by": "someone"})
+    with pytest.raises(ValueError, match="not written by"):
+        round_._valid_chunk(0)
+    tensors = {"targets": torch.zeros(2, 3, dtype=torch.int32), "class_labels": torch.tensor([0, 1])}
+    save_file(tensors, round_._chunk_path(1), metadata={"written_by": WRITTEN_BY, "sha256": weights_digest(tensors)})
+    assert round_._valid_chunk(1)
+    round_._chunk_path(1).write_bytes(round_._chunk_path(1).read_bytes()[:-4])
+    assert not round_._valid_chunk(1)
 
 
 def _train_var_module():

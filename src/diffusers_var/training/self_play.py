@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from ..generate import sample_seed
@@ -32,7 +32,7 @@ from ..models.vqvae import MultiScaleVQVAE
 from ..saving import current_umask, write_text_atomically
 from ..schedulers.scale import VARScaleScheduler
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)  # not accelerate's: the cache is also read outside a training process
 
 WRITTEN_BY = "diffusers-var train_var.py --objective ddo"
 _ROUND_SEED_OFFSET = 1000  # keeps the self-play samples apart from `diffusers-var generate --seed` (candidate 0)
@@ -81,8 +81,9 @@ def draw_samples(
     images = pipe(
         class_labels=class_labels, guidance_scale=1.0, top_k=0, top_p=1.0, generator=generators, output_type="pt"
     ).images  # (n, 3, H, W) in [0, 1]
-    pixels = (images * 255).round() / 255 * 2 - 1  # what a PNG of the sample holds, in the tokenizer's range
-    token_maps = vqvae.tokenize(pixels.to(device=vqvae.device, dtype=vqvae.dtype))
+    pixels = (images.float() * 255).round() / 255 * 2 - 1  # what a PNG of the sample holds, in the tokenizer's range
+    with torch.autocast(torch.device(device).type, enabled=False):  # tokenized exactly as the real images are
+        token_maps = vqvae.tokenize(pixels.to(device=vqvae.device, dtype=vqvae.dtype))
     return torch.cat([t.flatten(1) for t in token_maps], dim=1)
 
 
@@ -99,10 +100,12 @@ class SelfPlayRound:
 
     def __init__(self, root: str | os.PathLike, index: int, settings: dict):
         self.index = index
-        self.directory = Path(root) / f"round-{index:03d}"
+        self.root = Path(root)
+        self.directory = self.root / f"round-{index:03d}"
         self.settings = {**settings, "round": index}
         self.labels: torch.LongTensor | None = None
-        self.targets: torch.LongTensor | None = None
+        self.targets: torch.IntTensor | None = None
+        self._order: torch.LongTensor | None = None
 
     # -- the cache ---------------------------------------------------------------------------------------------
 
@@ -110,10 +113,10 @@ class SelfPlayRound:
         """The recorded settings of an existing cache (None if there is none); raises if another run made it."""
         record = self.directory / "round.json"
         if not record.is_file():
-            if self.directory.is_dir() and any(self.directory.iterdir()):
+            if self.directory.exists():
                 raise ValueError(
-                    f"{self.directory} holds files but no round.json, so it is not a self-play cache of this script; "
-                    "move them away or choose another --output_dir."
+                    f"{self.directory} exists without a round.json (a round is written whole, then renamed into "
+                    "place), so it is not this script's; move it away or choose another --output_dir."
                 )
             return None
         recorded = json.loads(record.read_text())
@@ -134,6 +137,23 @@ class SelfPlayRound:
     def _reference_path(self) -> Path:
         return self.directory / "reference.safetensors"
 
+    def _start_round(self, weights: dict[str, torch.Tensor]) -> None:
+        """Write the round's reference and round.json into a staging folder and rename it into place, so that a
+        round folder is complete or absent (a staging folder left by a killed run is this script's: replaced)."""
+        staging = self.root / f".{self.directory.name}.staging"
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        digest = weights_digest(weights)
+        _save_tensors_atomically(
+            weights, staging / "reference.safetensors", {"written_by": WRITTEN_BY, "sha256": digest}
+        )
+        record = {"written_by": WRITTEN_BY, **self.settings, "reference_sha256": digest}
+        write_text_atomically(staging / "round.json", json.dumps(record, indent=1) + "\n")
+        os.replace(staging, self.directory)
+
     def prepare(
         self,
         accelerator: Accelerator,
@@ -144,123 +164,126 @@ class SelfPlayRound:
         make_reference: Callable[[VARTransformer], VARTransformer],
         num_samples: int,
         generation_batch_size: int = 64,
-        expected_reference_digest: str | None = None,
+        at_round_start: bool = True,
     ) -> VARTransformer:
         """The round's frozen reference (``make_reference`` of the cached weights, or of ``start_weights()`` when the
         round starts now), with its samples drawn or loaded. Every process draws its share of the missing chunks.
 
-        ``config``: the transformer's ``VARConfig``. ``start_weights``: the full state dict of the model the round
+        ``config``: the ``VARConfig`` of the weights. ``start_weights``: the full state dict of the model the round
         starts from; every process calls it (gathering sharded weights is collective, e.g. accelerate's
         ``get_state_dict`` under FSDP), and the main process saves it as the round's reference.
-
-        ``expected_reference_digest``: round 0's reference must be the run's starting reference; a cache whose
-        reference differs belongs to another base model and is refused.
+        ``at_round_start``: the run stands at the round's first step (not resumed past it); an existing cache must
+        then hold exactly these weights, or it belongs to another run and is refused.
 
         The global RNG is left as it was (forked): a run resumed in this round, which prepares it again, continues
         the same random stream as the uninterrupted run.
         """
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            return self._prepare(
-                accelerator,
-                config,
-                start_weights,
-                vqvae,
-                scheduler,
-                make_reference,
-                num_samples,
-                generation_batch_size,
-                expected_reference_digest,
-            )
+            reference = self._prepare_reference(accelerator, config, start_weights, make_reference, at_round_start)
+            self._draw_missing(accelerator, reference, config.num_classes, vqvae, scheduler, num_samples,
+                               generation_batch_size)  # fmt: skip
+        return reference
 
-    def _prepare(
-        self,
-        accelerator,
-        config,
-        start_weights,
-        vqvae,
-        scheduler,
-        make_reference,
-        num_samples,
-        generation_batch_size,
-        expected_reference_digest,
-    ) -> VARTransformer:
+    def _prepare_reference(self, accelerator, config, start_weights, make_reference, at_round_start):
         from safetensors.torch import load_file
 
-        num_classes = config.num_classes
-        recorded = self._check_settings() if accelerator.is_main_process else None
-        # every process knows whether the round starts now (gathering the weights is collective)
-        starts_now = [recorded is None] if accelerator.is_main_process else [None]
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
+        def main_process(check) -> object:
+            """Run ``check`` on the main process and give every process its result, or raise its error on all."""
+            result = [None]
+            if accelerator.is_main_process:
+                try:
+                    result = [("ok", check())]
+                except ValueError as error:
+                    result = [("error", str(error))]
+            if accelerator.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
 
-            starts_now = broadcast_object_list(starts_now)
-        weights = start_weights() if starts_now[0] else None
-        if accelerator.is_main_process and starts_now[0]:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            digest = weights_digest(weights)
-            _save_tensors_atomically(weights, self._reference_path(), {"written_by": WRITTEN_BY, "sha256": digest})
-            record = {"written_by": WRITTEN_BY, **self.settings, "reference_sha256": digest}
-            write_text_atomically(self.directory / "round.json", json.dumps(record, indent=1) + "\n")
-        accelerator.wait_for_everyone()
+                result = broadcast_object_list(result)
+            if result[0][0] == "error":
+                raise ValueError(result[0][1])
+            return result[0][1]
+
+        recorded = main_process(self._check_settings)
+        weights = start_weights() if recorded is None or at_round_start else None  # collective: every process
+
+        def install() -> None:
+            if recorded is None:
+                self._start_round(weights)
+            elif at_round_start and weights_digest(weights) != recorded["reference_sha256"]:
+                raise ValueError(
+                    f"The self-play cache {self.directory} was drawn from other weights than this run has at the "
+                    "round's start (another run's cache, or a run that is not deterministic). Use a new --output_dir "
+                    "or resume from a checkpoint past the round's start."
+                )
+
+        main_process(install)
+        weights = None  # noqa: F841  (a model's worth of memory, no longer needed)
         recorded = json.loads((self.directory / "round.json").read_text())
-        if expected_reference_digest is not None and recorded["reference_sha256"] != expected_reference_digest:
-            raise ValueError(
-                f"The self-play cache {self.directory} was drawn from another reference model than this run starts "
-                "from; use a new --output_dir."
-            )
-        reference_model = VARTransformer(config)
         state = load_file(self._reference_path())
         if weights_digest(state) != recorded["reference_sha256"]:
             raise ValueError(f"{self._reference_path()} is damaged (its digest differs from round.json's).")
+        reference_model = VARTransformer(config)  # on the CPU; make_reference places it
         reference_model.load_state_dict(state)
-        reference = make_reference(reference_model.to(accelerator.device))
+        return make_reference(reference_model)
 
-        chunks = math.ceil(num_samples / generation_batch_size)
+    def _draw_missing(self, accelerator, reference, num_classes, vqvae, scheduler, num_samples, batch_size) -> None:
+        from safetensors.torch import load_file
+
+        chunks = math.ceil(num_samples / batch_size)
         mine = [c for c in range(chunks) if c % accelerator.num_processes == accelerator.process_index]
         missing = [c for c in mine if not self._valid_chunk(c)]
         if missing:
             logger.info(
                 f"Self-play round {self.index}: drawing {num_samples} samples of the reference "
                 f"({len(missing)} of {chunks} batches on this process)",
-                main_process_only=False,
             )
         seed = self.settings["seed"]
         for chunk in tqdm(missing, desc=f"Round {self.index} samples", disable=not accelerator.is_local_main_process):
-            indices = range(chunk * generation_batch_size, min((chunk + 1) * generation_batch_size, num_samples))
+            indices = range(chunk * batch_size, min((chunk + 1) * batch_size, num_samples))
             labels = [i % num_classes for i in indices]
             seeds = [
                 sample_seed(seed, i % num_classes, i // num_classes, _ROUND_SEED_OFFSET + self.index) for i in indices
             ]
-            with accelerator.autocast():
+            with accelerator.autocast():  # sampled in the training precision; tokenized in full (as real images)
                 targets = draw_samples(reference, vqvae, scheduler, labels, seeds, accelerator.device)
-            _save_tensors_atomically(
-                {"targets": targets.to(torch.int32), "class_labels": torch.tensor(labels)},
-                self._chunk_path(chunk),
-                {"written_by": WRITTEN_BY, "round": str(self.index), "first_index": str(indices[0])},
-            )
-        accelerator.wait_for_everyone()
+            tensors = {"targets": targets.to(torch.int32).cpu(), "class_labels": torch.tensor(labels)}
+            metadata = {"written_by": WRITTEN_BY, "round": str(self.index), "sha256": weights_digest(tensors)}
+            _save_tensors_atomically(tensors, self._chunk_path(chunk), metadata)
+        accelerator.wait_for_everyone()  # long draws: see the README on the process group's timeout
         loaded = [load_file(self._chunk_path(c)) for c in range(chunks)]
-        self.targets = torch.cat([part["targets"] for part in loaded]).long()
+        self.targets = torch.cat([part["targets"] for part in loaded])  # int32 in memory; long per batch
         self.labels = torch.cat([part["class_labels"] for part in loaded]).long()
         if len(self.labels) != num_samples:
             raise ValueError(
                 f"The self-play cache {self.directory} holds {len(self.labels)} samples, not {num_samples}."
             )
-        return reference
+        generator = torch.Generator().manual_seed(self.settings["seed"] + self.index)
+        self._order = torch.randperm(num_samples, generator=generator)
 
     def _valid_chunk(self, chunk: int) -> bool:
+        """Whether a chunk file is there, ours and whole (its digest checks); a damaged one of ours is drawn again,
+        a file that is not ours is refused."""
         path = self._chunk_path(chunk)
         if not path.is_file():
             return False
-        try:
-            from safetensors import safe_open
+        from safetensors import safe_open
+        from safetensors.torch import load_file
 
+        try:
             with safe_open(path, framework="pt") as handle:
-                return handle.metadata().get("written_by") == WRITTEN_BY
-        except Exception:  # a damaged file is drawn again (it is ours: the name and marker say so)
-            logger.warning(f"Drawing {path} again: it cannot be read.", main_process_only=False)
-            return False
+                metadata = handle.metadata() or {}
+        except Exception:
+            metadata = None
+        if metadata is not None and metadata.get("written_by") != WRITTEN_BY:
+            raise ValueError(f"{path} was not written by {WRITTEN_BY}; move it away or choose another --output_dir.")
+        try:
+            if metadata is not None and weights_digest(load_file(path)) == metadata.get("sha256"):
+                return True
+        except Exception:
+            pass
+        logger.warning(f"Drawing {path} again: it is damaged.")
+        return False
 
     # -- batches -----------------------------------------------------------------------------------------------
 
@@ -269,15 +292,12 @@ class SelfPlayRound:
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """(class labels (B,), targets (B, L)) of this process's micro-batch: the round's samples in an order fixed
         by the seed and the round, walked through once per ``len / global batch`` steps (then again)."""
-        if self.targets is None:
+        if self._order is None:
             raise RuntimeError("Call prepare() before fake_batch().")
-        order = torch.randperm(
-            len(self.labels), generator=torch.Generator().manual_seed(self.settings["seed"] + self.index)
-        )
         micro_steps = accelerator.gradient_accumulation_steps
         position = (step_in_round * micro_steps + micro_step) * accelerator.num_processes + accelerator.process_index
-        indices = order[(position * batch_size + torch.arange(batch_size)) % len(order)]
-        return self.labels[indices].to(accelerator.device), self.targets[indices].to(accelerator.device)
+        indices = self._order[(position * batch_size + torch.arange(batch_size)) % len(self._order)]
+        return self.labels[indices].to(accelerator.device), self.targets[indices].long().to(accelerator.device)
 
 
 def split_token_maps(targets: torch.LongTensor, patch_nums: tuple[int, ...]) -> list[torch.LongTensor]:
