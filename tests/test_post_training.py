@@ -422,6 +422,7 @@ def test_the_post_training_recipe_runs_in_smoke_form(tmp_path):
     assert set(report["runs"]) == {f"{m}, guidance {g}" for m in ("var-digits", "post-trained") for g in ("1.0", "2.5")}
     for row in report["runs"].values():
         assert row["samples"] == 20 and 0 <= row["misread_percent"] <= 100 and row["images_per_s"] > 0
+        assert len(row["wall_times_s"]) == 1 and row["wall_time_s"] == row["wall_times_s"][0]
     assert "speed-up, post-trained without guidance over var-digits with guidance 2.5" in report["comparisons"]
     assert "| post-trained, guidance 1.0 |" in (run_dir / "report.md").read_text()
     assert PIL.Image.open(run_dir / "grid.png").size[1] == 20 + 10 * 48
