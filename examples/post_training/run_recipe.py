@@ -101,8 +101,8 @@ def training_commands(args, work: Path) -> list[tuple[str, Path, list[str]]]:
     train += ["--learning_rate", args.learning_rate, "--no_scale_lr", "--seed", str(args.seed), "--center_crop"]
     train += ["--checkpointing_steps", "50", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"]
     train += ["--report_to", "tensorboard", "--validation_steps", "0"]
-    if args.smoke and args.objective == "ddo":
-        train += ["--ddo_samples_per_round", "8", "--ddo_generation_batch_size", "8"]
+    if args.smoke and args.objective == "ddo":  # two rounds of one step each
+        train += ["--ddo_rounds", "2", "--ddo_samples_per_round", "8", "--ddo_generation_batch_size", "8"]
     return [
         ("prepare the digits", work / "data" / "digits_info.json", prepare),
         (f"post-train with {args.objective.upper()}", work / "pipeline" / "model_index.json", train),
