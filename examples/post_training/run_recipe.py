@@ -46,7 +46,7 @@ sys.path.insert(0, str(EXAMPLES / "digits"))
 from evaluate import default_reference, digits_fid, load_imagefolder  # noqa: E402  (examples/digits)
 
 from diffusers_var.generate import save_image_atomically  # noqa: E402
-from diffusers_var.saving import write_text_atomically  # noqa: E402
+from diffusers_var.saving import claim_recipe_folder, write_text_atomically  # noqa: E402
 
 UNFILTERED = ["--top-k", "0", "--top-p", "1.0"]
 # the recipe's training settings per objective: what the digits need in the papers' terms (see the README section)
@@ -201,21 +201,9 @@ _OUTPUT_DEFINING = ("objective", "max_train_steps", "learning_rate", "seed", "sm
 
 
 def claim_output_dir(work: Path, args: argparse.Namespace) -> None:
-    """Make ``work`` this run's folder: new or empty, or made by this recipe with the same training arguments (it
-    then resumes). Anything else is refused, so that no one's files are overwritten and no stale model is reused."""
-    defining = {name: getattr(args, name) for name in _OUTPUT_DEFINING}
-    marker = work / ARGUMENTS_FILE
-    if marker.is_file():
-        recorded = json.loads(marker.read_text())
-        changed = {k: (recorded.get(k), v) for k, v in defining.items() if recorded.get(k) != v}
-        if changed:
-            described = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())
-            raise SystemExit(f"error: {work} holds a run with other arguments ({described}); use a new --output-dir.")
-        return
-    if work.exists() and any(work.iterdir()):
-        raise SystemExit(f"error: {work} is not empty and was not made by this recipe; use a new --output-dir.")
-    work.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(marker, json.dumps(defining, indent=2) + "\n")
+    """Make ``work`` this run's folder (``diffusers_var.saving.claim_recipe_folder``): new or empty, or made by this
+    recipe with the same arguments (it then resumes); anything else is refused."""
+    claim_recipe_folder(work, {name: getattr(args, name) for name in _OUTPUT_DEFINING}, ARGUMENTS_FILE)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -59,7 +59,7 @@ from prepare_data import load_digits_split  # noqa: E402
 
 from diffusers_var.hub import atomic_directory  # noqa: E402
 from diffusers_var.pretrained import bundled_model_path  # noqa: E402
-from diffusers_var.saving import write_text_atomically  # noqa: E402
+from diffusers_var.saving import claim_recipe_folder, write_text_atomically  # noqa: E402
 
 CONDITIONS = ("no retrieval", "trained retrieval", "training-free retrieval", "combined retrieval")
 MODES = {"trained retrieval": "trained", "training-free retrieval": "training_free", "combined retrieval": "combined"}
@@ -306,21 +306,11 @@ _OUTPUT_DEFINING = ("holdout_class", "rare_classes", "rare_fraction", "num_neigh
 
 
 def claim_output_dir(work: Path, args: argparse.Namespace) -> None:
-    """Make ``work`` this run's folder: new or empty, or made by this recipe with the same arguments (it then
-    resumes). Anything else is refused, so that no one's files are overwritten and no stale step is reused."""
-    defining = {name: getattr(args, name) for name in _OUTPUT_DEFINING} | {"smoke": args.smoke}
-    marker = work / ARGUMENTS_FILE
-    if marker.is_file():
-        recorded = json.loads(marker.read_text())
-        changed = {k: (recorded.get(k), v) for k, v in defining.items() if recorded.get(k) != v}
-        if changed:
-            described = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())
-            raise SystemExit(f"error: {work} holds a run with other arguments ({described}); use a new --output-dir.")
-        return
-    if work.exists() and any(work.iterdir()):
-        raise SystemExit(f"error: {work} is not empty and was not made by this recipe; use a new --output-dir.")
-    work.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(marker, json.dumps(defining, indent=2) + "\n")
+    """Make ``work`` this run's folder (``diffusers_var.saving.claim_recipe_folder``): new or empty, or made by this
+    recipe with the same arguments (it then resumes); anything else is refused."""
+    claim_recipe_folder(
+        work, {name: getattr(args, name) for name in _OUTPUT_DEFINING} | {"smoke": args.smoke}, ARGUMENTS_FILE
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -92,6 +92,25 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def claim_recipe_folder(work: Path, defining: dict, marker_name: str = "recipe_arguments.json") -> None:
+    """Make ``work`` a recipe run's folder: new or empty, or made by the same recipe with the same ``defining``
+    arguments (the run then resumes). Anything else is refused with a one-line ``SystemExit``, so that no one's files
+    are overwritten and no step made with other arguments is reused. ``marker_name`` records ``defining``."""
+    work = Path(work)
+    marker = work / marker_name
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        changed = {k: (recorded.get(k), v) for k, v in defining.items() if recorded.get(k) != v}
+        if changed:
+            described = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())
+            raise SystemExit(f"error: {work} holds a run with other arguments ({described}); use a new --output-dir.")
+        return
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"error: {work} is not empty and was not made by this recipe; use a new --output-dir.")
+    work.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(marker, json.dumps(defining, indent=2) + "\n")
+
+
 # -- staging folders -----------------------------------------------------------------------------------------------
 
 
