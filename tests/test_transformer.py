@@ -36,6 +36,46 @@ def test_kv_cached_sampling_path_equals_teacher_forcing(shared_adaln, attn_l2_no
     assert cache.length == model.num_tokens
 
 
+@pytest.mark.parametrize("shared_adaln", [False, True])
+def test_cached_sampling_projects_the_class_once_per_labels_tensor(shared_adaln):
+    """The AdaLN projections depend on the class only: a cache computes them at the first scale and reuses them
+    while the labels are the same, unchanged tensor; new or modified labels are projected again (never stale)."""
+    model = tiny_transformer(shared_adaln=shared_adaln)
+    projections = [model.head_adaln] + ([model.shared_adaln] if shared_adaln else [b.adaln for b in model.blocks])
+    calls = []
+    for module in projections:
+        module.register_forward_hook(lambda module, inputs, output: calls.append(module))
+    inputs = _inputs(model)
+
+    def scale_input(si):
+        begin, end = model.begin_ends[si]
+        return None if si == 0 else inputs[:, begin - model.first_l : end - model.first_l]
+
+    labels = LABELS.clone()
+    with torch.no_grad():
+        full = model(labels, inputs).logits
+        cache, calls[:] = model.allocate_kv_cache(2), []
+        pieces = [model.forward_scale(labels, si, scale_input(si), cache) for si in range(len(model.patch_nums))]
+        assert len(calls) == len(projections), "the class was projected again at a later scale"
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+        cache = model.allocate_kv_cache(2)
+        model.forward_scale(labels, 0, None, cache)
+        other = torch.tensor([1, 2])
+        calls[:] = []
+        model.forward_scale(other, 1, scale_input(1), cache)  # another tensor: projected anew
+        assert len(calls) == len(projections)
+        calls[:] = []
+        other.fill_(5)  # the same tensor changed in place: projected anew again
+        model.forward_scale(other, 2, scale_input(2), cache)
+        assert len(calls) == len(projections)
+        cache = model.allocate_kv_cache(2)
+        model.forward_scale(labels, 0, None, cache)
+        calls[:] = []
+        model.forward_scale(labels, 1, scale_input(1), cache.select(torch.tensor([1, 0])))  # rows moved: anew
+        assert len(calls) == len(projections)
+
+
 def test_block_causal_mask_hides_finer_scales():
     model = tiny_transformer()
     inputs = _inputs(model)

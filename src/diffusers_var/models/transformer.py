@@ -247,10 +247,16 @@ class VARBlock(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``neighbours``: a retrieval model's neighbours (or ``None``); ``neighbour_scales``: the (scale index,
         begin, end) of each scale's positions in ``hidden``."""
-        if hasattr(self, "scale_shift_table"):
-            modulation = self.scale_shift_table + modulation
+        cached = None if kv_cache is None else kv_cache.modulations.get(self.attn.layer_idx)
+        if cached is not None:  # sampling: computed at the first scale (the class is the same at every scale)
+            modulation = cached
         else:
-            modulation = self.adaln(F.silu(modulation)).view(-1, 1, 6, hidden.shape[-1])
+            if hasattr(self, "scale_shift_table"):
+                modulation = self.scale_shift_table + modulation
+            else:
+                modulation = self.adaln(F.silu(modulation)).view(-1, 1, 6, hidden.shape[-1])
+            if kv_cache is not None:
+                kv_cache.modulations[self.attn.layer_idx] = modulation
         gate_attn, gate_mlp, scale_attn, scale_mlp, shift_attn, shift_mlp = modulation.unbind(2)
         normed = self.norm(hidden) * (1 + scale_attn) + shift_attn
         attended, weights = self.attn(normed, attn_mask, kv_cache, output_attentions)
@@ -429,13 +435,26 @@ class VARTransformer(VARPreTrainedModel):
                 f"class), got min {int(class_labels.min())}, max {int(class_labels.max())}."
             )
 
-    def _modulation(self, condition: torch.Tensor) -> torch.Tensor:
-        if self.config.shared_adaln:
-            return self.shared_adaln(F.silu(condition)).view(-1, 1, 6, self.config.embed_dim)
-        return condition
+    def _modulation(self, condition: torch.Tensor, cached: dict | None = None) -> torch.Tensor:
+        """What the blocks' AdaLN reads: the condition, or with shared AdaLN its shared projection. ``cached``: a
+        KV cache's :meth:`~VARKVCache.modulations_for` dict, which keeps the projection between scales."""
+        if not self.config.shared_adaln:
+            return condition
+        if cached is not None and "shared" in cached:
+            return cached["shared"]
+        modulation = self.shared_adaln(F.silu(condition)).view(-1, 1, 6, self.config.embed_dim)
+        if cached is not None:
+            cached["shared"] = modulation
+        return modulation
 
-    def _logits(self, hidden: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.head_adaln(F.silu(condition)).view(-1, 1, 2, self.config.embed_dim).unbind(2)
+    def _logits(self, hidden: torch.Tensor, condition: torch.Tensor, cached: dict | None = None) -> torch.Tensor:
+        if cached is not None and "head" in cached:
+            scale_shift = cached["head"]
+        else:
+            scale_shift = self.head_adaln(F.silu(condition)).view(-1, 1, 2, self.config.embed_dim)
+            if cached is not None:
+                cached["head"] = scale_shift
+        scale, shift = scale_shift.unbind(2)
         return self.head(self.head_norm(hidden) * (1 + scale) + shift).float()
 
     def _position_codes(self, begin: int, end: int, device: torch.device) -> torch.Tensor:
@@ -629,7 +648,8 @@ class VARTransformer(VARPreTrainedModel):
                 kv_cache.neighbours = self.neighbour_keys_values(neighbour_codes, neighbour_mask, class_labels.shape[0])
             neighbours = kv_cache.neighbours
             neighbour_scales = [(scale_index, 0, hidden.shape[1])]
-        modulation = self._modulation(condition)
+        cached = None if kv_cache is None else kv_cache.modulations_for(class_labels)
+        modulation = self._modulation(condition, cached)
         all_hidden = (hidden,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for block in self.blocks:
@@ -640,7 +660,7 @@ class VARTransformer(VARPreTrainedModel):
                 all_attentions += (weights,)
         if kv_cache is not None:
             kv_cache.advance(hidden.shape[1])
-        logits = self._logits(hidden, condition)
+        logits = self._logits(hidden, condition, cached)
         loss = None if labels is None else self._loss(logits, labels)
         output = VARTransformerOutput(
             loss=loss,
