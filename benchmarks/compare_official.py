@@ -12,10 +12,16 @@ and converted with ``diffusers_var.convert.convert``. Reported:
   processes (this script re-invoked with ``--worker``), alternating official/ours over ``--rounds``; memory once
   more per side in a worker whose freed tensors return to the OS (see ``memory_method``).
 
+``--device cuda`` runs both sides on the GPU; ``--dtype bf16|fp16`` samples both under ``torch.autocast`` with fp32
+weights, as the official demo does; ``--compiled`` times ours after ``pipe.compile()`` (the warm-up call compiles).
+``speed.roof`` puts both sides against the GEMM roof measured on the same machine (``roofline.py``): the call's
+matrix FLOPs (transformer products with guidance, decoder convolutions) at the roof, over each side's median time.
+
 Example (batch 2 on 2 CPU cores: about 7 minutes; ``--batch-size 8``: about 20)::
 
     git -C VAR-mirror archive HEAD | tar -x -C /tmp/var_official
     OMP_WAIT_POLICY=PASSIVE python benchmarks/compare_official.py --official-repo /tmp/var_official --threads 2
+    python benchmarks/compare_official.py --device cuda --dtype bf16 --batch-size 64 --compiled
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from diffusers_var import VARPipeline
 from diffusers_var.convert import PRESETS, convert
 
 OFFICIAL_CFG = 1.5  # ours: guidance_scale = 1 + cfg
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLED = dict(top_k=900, top_p=0.96)
 MMAP_THRESHOLD = 128 * 1024  # glibc's default, but fixed: freed tensors go back to the OS, so RSS tracks live memory
 MEMORY_METHOD = (
@@ -96,6 +103,19 @@ def reinit_(vae: torch.nn.Module, var: torch.nn.Module, seed: int) -> str:
     )
 
 
+def precision(args: argparse.Namespace):
+    """Both sides' sampling context: fp32 weights under ``torch.autocast`` to ``--dtype``, as the official demo
+    samples (``torch.autocast("cuda", dtype=torch.float16)``), or plain fp32."""
+    dtype = AUTOCAST[args.dtype]
+    return torch.autocast(args.device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def prepare_ours(pipe: VARPipeline, args: argparse.Namespace) -> VARPipeline:
+    pipe = pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.compile() if args.compiled else pipe
+
+
 def flat(token_maps) -> torch.Tensor:
     return torch.cat([t.reshape(t.shape[0], -1) for t in token_maps], dim=1)
 
@@ -108,6 +128,7 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 def teacher_forcing(vae, var, pipe: VARPipeline, labels: torch.Tensor, seed: int) -> dict:
     size = pipe.vqvae.image_size
     images = torch.rand(len(labels), 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    images = images.to(labels.device)
     official_tokens = vae.img_to_idxBl(images)
     ours_tokens = pipe.vqvae.tokenize(images)
     official_logits = var(labels, vae.quantize.idxBl_to_var_input(official_tokens))
@@ -141,7 +162,7 @@ def autoregressive(vae, var, pipe: VARPipeline, labels: torch.Tensor, seed: int,
 
     official_var.sample_with_top_k_top_p_ = official_sample
     try:
-        official_images = var.autoregressive_infer_cfg(
+        official_images = var.autoregressive_infer_cfg(  # (its generator is made on the model's device)
             len(labels), labels, g_seed=seed, cfg=OFFICIAL_CFG, top_k=top_k, top_p=0.0 if top_p >= 1 else top_p
         )
     finally:
@@ -165,7 +186,7 @@ def autoregressive(vae, var, pipe: VARPipeline, labels: torch.Tensor, seed: int,
             guidance_scale=1 + OFFICIAL_CFG,
             top_k=top_k,
             top_p=top_p,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator(labels.device).manual_seed(seed),
             output_type="pt",
         ).images
     finally:
@@ -194,30 +215,31 @@ def worker(args: argparse.Namespace) -> dict:
         vae, var = official_models(args.official_repo, args.preset)
         vae.load_state_dict(torch.load(Path(args.workdir, "vae.pth"), weights_only=True))
         var.load_state_dict(torch.load(Path(args.workdir, "var.pth"), weights_only=True))
-        label_tensor = torch.tensor(labels)
+        vae, var = vae.to(args.device), var.to(args.device)
+        label_tensor = torch.tensor(labels, device=args.device)
         make_resident(vae, var)
 
         def sample():
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr), precision(args):
                 return var.autoregressive_infer_cfg(
                     len(labels), label_tensor, g_seed=args.seed, cfg=OFFICIAL_CFG, **SAMPLED
                 )
     else:
-        pipe = VARPipeline.from_pretrained(Path(args.workdir, "pipeline"))
-        pipe.set_progress_bar_config(disable=True)
+        pipe = prepare_ours(VARPipeline.from_pretrained(Path(args.workdir, "pipeline")), args)
         make_resident(pipe.vqvae, pipe.transformer)
-        generator = torch.Generator()
+        generator = torch.Generator(args.device)
 
         def sample():
-            return pipe(
-                class_labels=labels,
-                guidance_scale=1 + OFFICIAL_CFG,
-                **SAMPLED,
-                generator=generator.manual_seed(args.seed),
-                output_type="pt",
-            )
+            with precision(args):
+                return pipe(
+                    class_labels=labels,
+                    guidance_scale=1 + OFFICIAL_CFG,
+                    **SAMPLED,
+                    generator=generator.manual_seed(args.seed),
+                    output_type="pt",
+                )
 
-    return time_sampling(sample, args.batch_size, args.repeats, args.warmup, "cpu")
+    return time_sampling(sample, args.batch_size, args.repeats, args.warmup, args.device)
 
 
 def run_worker(side: str, workdir: str, args: argparse.Namespace, memory_only: bool = False) -> dict:
@@ -225,9 +247,10 @@ def run_worker(side: str, workdir: str, args: argparse.Namespace, memory_only: b
     command = [sys.executable, __file__, "--worker", side, "--workdir", workdir, "--official-repo", args.official_repo]
     repeats, warmup = (1, 0) if memory_only else (args.repeats, args.warmup)
     options = dict(preset=args.preset, threads=args.threads, batch_size=args.batch_size, seed=args.seed)
-    options.update(repeats=repeats, warmup=warmup)
+    options.update(repeats=repeats, warmup=warmup, device=args.device, dtype=args.dtype)
     for option, value in options.items():
         command += [f"--{option.replace('_', '-')}", str(value)]
+    command += ["--compiled"] if args.compiled else []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)) if memory_only else None
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -255,7 +278,50 @@ def speed(workdir: str, args: argparse.Namespace) -> dict:
         }
     for key in ("images_per_s", "peak_memory_mib", "peak_memory_delta_mib"):
         result[f"{key}_ratio_ours_over_official"] = round(result["ours"][key] / result["official"][key], 3)
+    result["roof"] = roof_fractions(args, {side: result[side]["median_s"] for side in runs})
     return result
+
+
+def roof_fractions(args: argparse.Namespace, median_s: dict) -> dict:
+    """The sampling call's matrix FLOPs (transformer products with guidance, decoder convolutions) over the GEMM roof
+    measured now on this machine (``roofline.py``), against each side's median time: 1.0 would be the roof."""
+    from roofline import decoder_gflop, gemm_roof, transformer_products
+
+    from diffusers_var import MultiScaleVQVAE
+    from diffusers_var.convert import component_configs
+
+    vqvae_kwargs, transformer_kwargs, scheduler_kwargs = component_configs(**PRESETS[args.preset])
+    rows = 2 * args.batch_size
+    products = [
+        p
+        for pn in scheduler_kwargs["patch_nums"]
+        for p in transformer_products(transformer_kwargs, rows, pn * pn, False)
+    ]
+    transformer_gflop = sum(2 * m * k * n for _, m, k, n in products) / 1e9
+    vqvae = MultiScaleVQVAE(**vqvae_kwargs).eval()
+    decoder = decoder_gflop(vqvae, vqvae.image_size) * args.batch_size
+    roof = gemm_roof(torch.device(args.device), AUTOCAST[args.dtype] or torch.float32, repeats=3)["gemm_roof_gflops"]
+    bound_s = (transformer_gflop + decoder) / roof
+    fractions = {f"{side}_fraction_of_roof": round(bound_s / seconds, 3) for side, seconds in median_s.items()}
+    return {
+        "gemm_roof_gflops": roof,
+        "transformer_gflop": round(transformer_gflop, 1),
+        "decoder_gflop": round(decoder, 1),
+        "bound_s": round(bound_s, 3),
+        **fractions,
+    }
+
+
+def machine(device: str) -> str:
+    """The device in words: the GPU's name, or the CPU model and core count."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "cpu"
+    return f"{model} ({os.cpu_count()} cores)"
 
 
 def git_commit() -> str | None:
@@ -279,19 +345,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed sampling calls per worker")
     parser.add_argument("--rounds", type=int, default=2, help="worker pairs, alternating which side goes first")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--dtype", choices=sorted(AUTOCAST), default="fp32", help="both sides under torch.autocast to this dtype"
+    )
+    parser.add_argument("--compiled", action="store_true", help="ours after pipe.compile() (first call compiles)")
     parser.add_argument("--skip-parity", action="store_true", help="only build, convert and time")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--worker", choices=("official", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "compare_official.py: --device cuda was asked for, but this machine has no CUDA device.\n")
     torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args)))
         return
 
     clock, start = {}, time.perf_counter()
-    labels = torch.tensor(spread_labels(args.batch_size, 1000))
+    labels = torch.tensor(spread_labels(args.batch_size, 1000), device=args.device)
     report = {"preset": args.preset, "threads": args.threads, "batch_size": args.batch_size, "labels": labels.tolist()}
+    report.update(device=args.device, dtype=args.dtype, compiled=args.compiled, machine=machine(args.device))
     report["commit"] = git_commit()
     with tempfile.TemporaryDirectory(prefix="var-compare-") as workdir:
         vae, var = official_models(args.official_repo, args.preset)
@@ -302,11 +376,13 @@ def main(argv: list[str] | None = None) -> None:
         pipe = convert(
             Path(workdir, "vae.pth"), Path(workdir, "var.pth"), Path(workdir, "pipeline"), preset=args.preset
         )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = prepare_ours(pipe, args)
+        vae, var = vae.to(args.device), var.to(args.device)
         clock["convert_s"] = time.perf_counter() - start - sum(clock.values())
         if not args.skip_parity:
-            report["teacher_forcing"] = teacher_forcing(vae, var, pipe, labels, args.seed)
-            with contextlib.redirect_stdout(sys.stderr):
+            with precision(args):
+                report["teacher_forcing"] = teacher_forcing(vae, var, pipe, labels, args.seed)
+            with contextlib.redirect_stdout(sys.stderr), precision(args):
                 report["greedy"] = autoregressive(vae, var, pipe, labels, args.seed, top_k=1, top_p=1.0)
                 report["sampled"] = autoregressive(vae, var, pipe, labels, args.seed, **SAMPLED)
         clock["parity_s"] = time.perf_counter() - start - sum(clock.values())

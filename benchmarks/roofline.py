@@ -30,11 +30,14 @@ import functools
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling sample_speed.py, also when imported
 from diffusers_var.convert import PRESETS, component_configs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,18 +66,18 @@ def median_seconds(function, device: torch.device, repeats: int, min_seconds: fl
     return statistics.median(times)
 
 
-def gemm_roof(device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+def gemm_roof(device: torch.device, dtype: torch.dtype, repeats: int, sizes=(1024, 2048, 4096)) -> dict:
     results = {}
-    for n in (1024, 2048, 4096):
+    for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         seconds = median_seconds(functools.partial(torch.mm, a, b), device, repeats)
-        results[n] = 2 * n**3 / seconds / 1e9
+        results[str(n)] = round(2 * n**3 / seconds / 1e9, 1)
     return {"gemm_roof_gflops": round(max(results.values()), 1), "square_gemm_gflops": results}
 
 
-def memory_bandwidth(device: torch.device, repeats: int) -> float:
-    source = torch.empty(64 * 2**20, device=device)  # 256 MiB: far beyond any cache
+def memory_bandwidth(device: torch.device, repeats: int, mib: int = 256) -> float:
+    source = torch.empty(mib * 2**18, device=device)  # 256 MiB by default: far beyond any cache
     target = torch.empty_like(source)
     seconds = median_seconds(lambda: target.copy_(source), device, repeats)
     return 2 * source.numel() * source.element_size() / seconds / 1e9
@@ -127,6 +130,7 @@ def decoder_gflop(vqvae: torch.nn.Module, image_size: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="var-d16")
+    parser.add_argument("--tiny", action="store_true", help="sample_speed.py's tiny model, small roof GEMMs (smoke)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per sampling call")
     parser.add_argument("--unguided", action="store_true", help="guidance 1.0: one row per image (default: two)")
     parser.add_argument("--adaln-every-scale", action="store_true", help="as the official sampler: not once per call")
@@ -141,14 +145,25 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    vqvae_kwargs, transformer_kwargs, scheduler_kwargs = component_configs(**PRESETS[args.preset])
-    patch_nums = scheduler_kwargs["patch_nums"]
+    if args.tiny:
+        from sample_speed import TINY
+
+        vqvae_kwargs = dict(TINY["vqvae"], patch_nums=TINY["patch_nums"])
+        transformer_kwargs, patch_nums = dict(TINY["transformer"], mlp_ratio=4.0), TINY["patch_nums"]
+    else:
+        vqvae_kwargs, transformer_kwargs, scheduler_kwargs = component_configs(**PRESETS[args.preset])
+        patch_nums = scheduler_kwargs["patch_nums"]
     rows = args.batch_size * (1 if args.unguided else 2)
-    report = {"preset": args.preset, "batch_size": args.batch_size, "rows": rows, "device": str(device)}
+    report = {
+        "preset": "tiny" if args.tiny else args.preset,
+        "batch_size": args.batch_size,
+        "rows": rows,
+        "device": str(device),
+    }
     report.update(dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__)
-    report.update(gemm_roof(device, dtype, args.repeats))
+    report.update(gemm_roof(device, dtype, args.repeats, (256, 512) if args.tiny else (1024, 2048, 4096)))
     roof = report["gemm_roof_gflops"] * 1e9
-    bandwidth = memory_bandwidth(device, args.repeats) * 1e9
+    bandwidth = memory_bandwidth(device, args.repeats, 16 if args.tiny else 256) * 1e9
     report["memory_gb_per_s"] = round(bandwidth / 1e9, 1)
 
     cache, per_scale = {}, []
@@ -164,24 +179,24 @@ def main(argv: list[str] | None = None) -> dict:
             {
                 "scale": si,
                 "tokens": side * side,
-                "gflop": round(gflop, 2),
-                "seconds": round(sum(seconds), 4),
+                "gflop": round(gflop, 6),
+                "seconds": round(sum(seconds), 6),
                 "gflops": round(gflop / sum(seconds), 1),
-                "bound_s": round(bound, 4),
+                "bound_s": round(bound, 6),
             }
         )
         total_s, total_bound_s, total_gflop = total_s + sum(seconds), total_bound_s + bound, total_gflop + gflop
     report["adaln_once"] = not args.adaln_every_scale
     report["per_scale"] = per_scale
-    report["transformer_linear_gflop"] = round(total_gflop, 1)
-    report["transformer_linear_s"] = round(total_s, 3)
-    report["transformer_linear_bound_s"] = round(total_bound_s, 3)
+    report["transformer_linear_gflop"] = round(total_gflop, 6)
+    report["transformer_linear_s"] = round(total_s, 6)
+    report["transformer_linear_bound_s"] = round(total_bound_s, 6)
     report["fraction_of_bound"] = round(total_bound_s / total_s, 3)
 
     from diffusers_var import MultiScaleVQVAE
 
     vqvae = MultiScaleVQVAE(**vqvae_kwargs).eval()
-    report["decoder_gflop_per_image"] = round(decoder_gflop(vqvae, vqvae.image_size), 1)
+    report["decoder_gflop_per_image"] = round(decoder_gflop(vqvae, vqvae.image_size), 6)
     report["decoder_at_roof_s"] = round(report["decoder_gflop_per_image"] * 1e9 * args.batch_size / roof, 3)
     print(json.dumps(report, indent=1))
     return report

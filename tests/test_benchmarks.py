@@ -63,3 +63,27 @@ def test_train_speed_times_the_post_training_objectives_against_ce(capsys, monke
     assert all(summary["relative_to_ce"][name]["peak_memory"] > 0 for name in ("cca", "ddo"))
     with pytest.raises(ValueError, match="whole transformer"):
         module.main([*common, "--objective", "ddo", "--lora-rank", "2"])
+
+
+def test_roofline_prints_the_bound_of_every_scale(capsys):
+    module = _load("roofline")
+    result = module.main(["--tiny", "--repeats", "1", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == result
+    assert [s["tokens"] for s in result["per_scale"]] == [1, 4, 16]
+    assert result["gemm_roof_gflops"] > 0 and result["memory_gb_per_s"] > 0 and result["decoder_gflop_per_image"] > 0
+    assert 0 < result["fraction_of_bound"] and result["transformer_linear_bound_s"] > 0
+    every_scale = module.main(["--tiny", "--repeats", "1", "--threads", "1", "--adaln-every-scale"])
+    adaln_gflop = 2 * 2 * 64 * (6 * 64 * 2 + 2 * 64) / 1e9  # two rows: two blocks' 6C and the head's 2C outputs
+    extra = every_scale["transformer_linear_gflop"] - result["transformer_linear_gflop"]
+    assert extra == pytest.approx(2 * adaln_gflop, rel=1e-3)  # recomputed at the two later scales
+
+
+@pytest.mark.parametrize("script", ["roofline", "compare_official"])
+def test_benchmarks_asked_for_cuda_without_it_say_so_in_one_line(script, monkeypatch, capsys):
+    module = _load(script)
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and err.count("\n") == 1
