@@ -125,16 +125,20 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def teacher_forcing(vae, var, pipe: VARPipeline, labels: torch.Tensor, seed: int) -> dict:
+def teacher_forcing(vae, var, pipe: VARPipeline, labels: torch.Tensor, seed: int, autocast) -> dict:
+    """Tokens of random images (in fp32: the official training tokenizes outside autocast) and the transformer's
+    logits on them under ``autocast``."""
     size = pipe.vqvae.image_size
     images = torch.rand(len(labels), 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     images = images.to(labels.device)
     official_tokens = vae.img_to_idxBl(images)
     ours_tokens = pipe.vqvae.tokenize(images)
-    official_logits = var(labels, vae.quantize.idxBl_to_var_input(official_tokens))
     side = [int(math.isqrt(t.shape[1])) for t in official_tokens]
     token_maps = [t.view(-1, s, s) for t, s in zip(official_tokens, side)]  # both transformers read the same tokens
-    ours_logits = pipe.transformer(labels, pipe.vqvae.next_scale_inputs(token_maps)).logits
+    inputs = pipe.vqvae.next_scale_inputs(token_maps)
+    with autocast:
+        official_logits = var(labels, vae.quantize.idxBl_to_var_input(official_tokens))
+        ours_logits = pipe.transformer(labels, inputs).logits
     mismatches = (flat(official_tokens) != flat(ours_tokens)).sum().item()
     return {
         "tokenizer_tokens_identical": mismatches == 0,
@@ -380,8 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         vae, var = vae.to(args.device), var.to(args.device)
         clock["convert_s"] = time.perf_counter() - start - sum(clock.values())
         if not args.skip_parity:
-            with precision(args):
-                report["teacher_forcing"] = teacher_forcing(vae, var, pipe, labels, args.seed)
+            report["teacher_forcing"] = teacher_forcing(vae, var, pipe, labels, args.seed, precision(args))
             with contextlib.redirect_stdout(sys.stderr), precision(args):
                 report["greedy"] = autoregressive(vae, var, pipe, labels, args.seed, top_k=1, top_p=1.0)
                 report["sampled"] = autoregressive(vae, var, pipe, labels, args.seed, **SAMPLED)
