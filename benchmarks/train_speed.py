@@ -15,6 +15,11 @@ round is not part of the step). Tokens/s counts the real images' tokens, so it c
 ``--objective all`` runs ce, cca and ddo each in its own process (peak memory is per process) and prints the three
 results with their ratios to ce.
 
+``--official-repo DIR`` (with ``--preset``) compares our step with the official code's on the same weights: the
+official VQVAE and VAR are built by their own constructors with seeded weights (as ``compare_official.py``),
+converted, and each side runs in its own process: the official tokenizes with ``img_to_idxBl``, runs ``VAR.forward``
+in training mode, cross-entropy, backward, clipping and AdamW; ours is the step above. Prints both and the ratios.
+
 Examples::
 
     python benchmarks/train_speed.py --preset var-d16 --batch-size 4 --threads 2
@@ -22,6 +27,7 @@ Examples::
     python benchmarks/train_speed.py --tiny --target vqvae --repeats 5
     python benchmarks/train_speed.py --model var-digits --batch-size 64 --lora-rank 4   # vs. without --lora-rank
     python benchmarks/train_speed.py --model var-digits --batch-size 64 --objective all --threads 2
+    python benchmarks/train_speed.py --preset var-d16 --batch-size 2 --threads 2 --official-repo /tmp/var_official
 """
 
 from __future__ import annotations
@@ -70,7 +76,93 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--official-repo", help="a FoundationVision/VAR checkout: compare with its training step")
+    parser.add_argument("--official-worker", help=argparse.SUPPRESS)  # a folder with vae.pth and var.pth
     return parser.parse_args(argv)
+
+
+def official_step(args: argparse.Namespace):
+    """The official code's training step on the weights in ``args.official_worker``, as a ``step()`` callable."""
+    from compare_official import official_models
+
+    vae, var = official_models(args.official_repo, args.preset)
+    vae.load_state_dict(torch.load(Path(args.official_worker, "vae.pth"), weights_only=True))
+    var.load_state_dict(torch.load(Path(args.official_worker, "var.pth"), weights_only=True))
+    vae, var = vae.to(args.device).requires_grad_(False), var.to(args.device).train()
+    var.cond_drop_rate = 0.1  # the official training default, as our config's class_dropout_prob
+    size = vae.quantize.v_patch_nums[-1] * 16
+    generator = torch.Generator().manual_seed(args.seed)
+    images = (torch.rand(args.batch_size, 3, size, size, generator=generator) * 2 - 1).to(args.device)
+    labels = torch.tensor(spread_labels(args.batch_size, var.num_classes), device=args.device)
+    autocast = torch.autocast(args.device, dtype=PRECISIONS[args.precision], enabled=args.precision != "fp32")
+    optimizer = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+    def step() -> None:
+        with torch.no_grad():
+            tokens = vae.img_to_idxBl(images)
+            inputs = vae.quantize.idxBl_to_var_input(tokens)
+        with autocast:
+            logits = var(labels, inputs)
+        targets = torch.cat(tokens, dim=1)
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    tokens_per_image = sum(p * p for p in vae.quantize.v_patch_nums)
+    return step, tokens_per_image, sum(p.numel() for p in var.parameters())
+
+
+def compare_with_official(argv: list[str], args: argparse.Namespace) -> dict:
+    """Both sides on the same seeded weights, each in its own process (peak memory is per process)."""
+    import tempfile
+
+    from compare_official import official_models, reinit_
+
+    from diffusers_var.convert import convert
+
+    base = [a for i, a in enumerate(argv) if a != "--preset" and (i == 0 or argv[i - 1] != "--preset")]
+    with tempfile.TemporaryDirectory(prefix="var-train-speed-") as workdir:
+        vae, var = official_models(args.official_repo, args.preset)
+        reinit_(vae, var, args.seed)
+        torch.save(vae.state_dict(), Path(workdir, "vae.pth"))
+        torch.save(var.state_dict(), Path(workdir, "var.pth"))
+        convert(Path(workdir, "vae.pth"), Path(workdir, "var.pth"), Path(workdir, "pipeline"), preset=args.preset)
+        del vae, var
+        script = [sys.executable, str(Path(__file__).resolve())]
+        ours_command = [*script, *_without_option(base, "--official-repo"), "--model", str(Path(workdir, "pipeline"))]
+        official_command = [*script, *argv, "--official-worker", workdir]
+        results = {}
+        for side, command in (("official", official_command), ("ours", ours_command)):
+            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            results[side] = json.loads(done.stdout[done.stdout.index("{") :])
+    summary = {
+        "preset": args.preset,
+        "official": results["official"],
+        "ours": results["ours"],
+        "tokens_per_s_ratio_ours_over_official": round(
+            results["ours"]["tokens_per_s"] / results["official"]["tokens_per_s"], 3
+        ),
+        "peak_memory_ratio_ours_over_official": round(
+            results["ours"]["peak_memory_mib"] / results["official"]["peak_memory_mib"], 3
+        ),
+    }
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+def _without_option(command: list[str], option: str) -> list[str]:
+    """``command`` without ``option`` and its value."""
+    kept, skip = [], False
+    for item in command:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        else:
+            kept.append(item)
+    return kept
 
 
 def compare_objectives(argv: list[str]) -> dict:
@@ -103,6 +195,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.objective == "all":
         return compare_objectives(argv)
+    if args.official_repo and not args.preset:
+        raise ValueError("--official-repo compares at an official size: give --preset (e.g. var-d16).")
+    if args.official_repo and (args.objective != "ce" or args.target != "transformer" or args.lora_rank):
+        raise ValueError(
+            "--official-repo compares the plain transformer step: no --objective, --target or --lora-rank."
+        )
+    if args.official_repo and not args.official_worker:
+        return compare_with_official(argv, args)
     if args.offload_reference and args.objective == "ce":
         raise ValueError("--offload-reference offloads the frozen reference of --objective cca or ddo; ce has none.")
     if args.objective != "ce" and (args.target != "transformer" or args.lora_rank):
@@ -111,6 +211,15 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.precision == "fp16" and args.device == "cpu":
         raise ValueError("--precision fp16 needs --device cuda (CPU autocast supports bf16).")
+    if args.official_worker:
+        step, tokens_per_image, parameters = official_step(args)
+        timing = time_sampling(step, args.batch_size, args.repeats, args.warmup, args.device)
+        result = {"side": "official", "preset": args.preset, "batch_size": args.batch_size}
+        result.update(precision=args.precision, device=args.device, threads=torch.get_num_threads())
+        result.update(parameters=parameters, tokens_per_image=tokens_per_image)
+        result["tokens_per_s"] = round(timing.pop("images_per_s") * tokens_per_image, 1)
+        print(json.dumps({**result, **timing, "torch": torch.__version__}, indent=1))
+        return result
     pipe = VARPipeline.from_pretrained(args.model) if args.model else random_pipeline(args.preset, args.seed)
     vqvae, transformer = pipe.vqvae.to(args.device), pipe.transformer.to(args.device)
     size = vqvae.image_size

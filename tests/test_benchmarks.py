@@ -87,3 +87,11 @@ def test_benchmarks_asked_for_cuda_without_it_say_so_in_one_line(script, monkeyp
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "no CUDA device" in err and err.count("\n") == 1
+
+
+def test_train_speed_compares_with_the_official_code_at_an_official_size_only():
+    module = _load("train_speed")
+    with pytest.raises(ValueError, match="give --preset"):
+        module.main(["--tiny", "--official-repo", "/nonexistent"])
+    with pytest.raises(ValueError, match="plain transformer step"):
+        module.main(["--preset", "var-d16", "--official-repo", "/nonexistent", "--objective", "cca"])

@@ -131,12 +131,14 @@ class VARPipeline(DiffusionPipeline):
 
         Regional compilation: the sixteen (or thirty) blocks share one compiled graph per scale shape, and shapes are
         static (``dynamic=False``): the first call at each batch size compiles every scale (minutes for a full-size
-        model), later calls reuse the graphs. The sampling loop stays eager; weights, ``state_dict`` keys and saving
-        are unchanged. Call it after moving the pipeline to its device.
+        model), later calls reuse the graphs; ``torch._dynamo.config.recompile_limit`` is raised to at least 64 for
+        that. The sampling loop stays eager; weights, ``state_dict`` keys and saving are unchanged. Call it after
+        moving the pipeline to its device.
 
         Args:
-            mode: inductor's mode: ``"reduce-overhead"`` on CUDA captures each scale's kernels as a CUDA graph
-                (batch-1 latency, where launches dominate); ``"max-autotune"`` searches kernels; ``None``: default.
+            mode: inductor's mode: ``"reduce-overhead"`` on CUDA asks for CUDA graphs (batch-1 latency, where
+                kernel launches dominate; not yet measured on a GPU); ``"max-autotune"`` searches kernels;
+                ``None``: inductor's default.
             backend: a ``torch.compile`` backend. When it cannot compile here (inductor without a C++ compiler on
                 CPU or without triton on CUDA), a warning says why and sampling stays eager: the same results, not
                 faster.
