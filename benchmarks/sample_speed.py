@@ -219,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compiled", action="store_true", help="after pipe.compile() (the warm-up calls compile)")
     return parser.parse_args(argv)
 
 
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
         pipe = random_pipeline(args.preset, args.seed)
     pipe = pipe.to(args.device) if args.dtype == "fp32" else pipe.to(args.device, DTYPES[args.dtype])
     pipe.set_progress_bar_config(disable=True)
+    if args.compiled:
+        pipe.compile()
     make_resident(pipe.vqvae, pipe.transformer)
     build_s = time.perf_counter() - build_start
 
@@ -256,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "dtype": args.dtype,
+        "compiled": args.compiled,
         "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "guidance_scale": args.guidance_scale,
