@@ -90,13 +90,12 @@ def test_errors_are_one_line_without_a_traceback(model_dir, tmp_path, extra, mes
     assert message in errors[0], err
 
 
-def test_python_m_generate_is_the_same_command(model_dir, tmp_path):
+def test_python_m_generate_is_the_same_command(model_dir):
     import subprocess
     import sys
 
+    # the same parser and main as the console script (whose sampling the other tests run): its one-line error
     command = [sys.executable, "-m", "diffusers_var.generate", "--model", model_dir, "--class-labels", "1"]
-    result = subprocess.run([*command, "--output", str(tmp_path / "g.png")], capture_output=True, text=True)
-    assert result.returncode == 0 and (tmp_path / "g.png").is_file(), result.stderr[-500:]
     result = subprocess.run([*command, "--batch-size", "0"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "diffusers-var generate: error: argument --batch-size: must be ≥ 1, got 0 (see --help)"

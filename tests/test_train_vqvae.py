@@ -5,6 +5,7 @@ Each run is a real subprocess, as a user runs it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -173,6 +174,20 @@ def test_finetune_from_a_pipeline_folder(workspace):
     [
         (["--lpips_weight", "1"], "needs --lpips_weights PATH"),
         (["--discriminator", "dino"], "needs --dino_model PATH"),
+    ],
+)
+def test_missing_weight_paths_are_refused_when_the_arguments_are_read(extra, message, capsys):
+    spec = importlib.util.spec_from_file_location("train_vqvae_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--pretrained_vqvae_name_or_path", "pipe", "--train_data_dir", "data", *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
         (["--lpips_weight", "1", "--lpips_weights", "/nonexistent.pth"], "does not exist"),
         (["--resolution", "24"], "does not fit the tokenizer"),
     ],
