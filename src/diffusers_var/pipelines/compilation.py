@@ -1,11 +1,15 @@
 """``VARPipeline.compile()``: torch.compile of the parts of sampling that run as static-shape kernels.
 
 What is compiled is what repeats: every transformer block (regional compilation, as diffusers'
-``compile_repeated_blocks``: the blocks share one compiled graph per scale shape, so compiling costs one block's
-worth, not sixteen) and the tokenizer's decoder. The sampling loop itself (Python control, the scheduler's draws,
-the checks) stays eager. Shapes are static: each scale is its own graph (``dynamic=False``), which is what lets
-inductor choose kernels per shape and, with ``mode="reduce-overhead"`` on CUDA, capture each scale as a CUDA
-graph.
+``compile_repeated_blocks``) and the tokenizer's decoder. The sampling loop itself (Python control, the
+scheduler's draws, the checks) stays eager. Shapes are static: each scale is its own graph (``dynamic=False``),
+which is what lets inductor choose kernels per shape and, with ``mode="reduce-overhead"`` on CUDA, ask for CUDA
+graphs.
+
+Known limit: a block indexes the KV cache (and its cached AdaLN projection) by its layer number, which dynamo
+specialises on, so the blocks do not share graphs yet: depth × scales graphs are needed, and past
+``RECOMPILE_LIMIT`` dynamo runs the remaining ones eagerly (correct, with its recompile warning). At d16 on a CPU
+this is slower than eager; sharing one graph per scale across blocks is the next step.
 """
 
 from __future__ import annotations

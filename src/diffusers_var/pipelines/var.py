@@ -129,11 +129,12 @@ class VARPipeline(DiffusionPipeline):
     ) -> VARPipeline:
         r"""Compile the transformer's blocks and the tokenizer's decoder with ``torch.compile``, in place.
 
-        Regional compilation: the sixteen (or thirty) blocks share one compiled graph per scale shape, and shapes are
-        static (``dynamic=False``): the first call at each batch size compiles every scale (minutes for a full-size
-        model), later calls reuse the graphs; ``torch._dynamo.config.recompile_limit`` is raised to at least 64 for
-        that. The sampling loop stays eager; weights, ``state_dict`` keys and saving are unchanged. Call it after
-        moving the pipeline to its device.
+        Regional compilation of the blocks with static shapes (``dynamic=False``): the first call at each batch
+        size compiles every scale, later calls reuse the graphs; ``torch._dynamo.config.recompile_limit`` is raised
+        to at least 64 for that. Not yet faster at full size: the blocks do not share graphs (see
+        :mod:`diffusers_var.pipelines.compilation`), so past the limit dynamo runs the rest eagerly. The sampling
+        loop stays eager; weights, ``state_dict`` keys and saving are unchanged. Call it after moving the pipeline
+        to its device.
 
         Args:
             mode: inductor's mode: ``"reduce-overhead"`` on CUDA asks for CUDA graphs (batch-1 latency, where
