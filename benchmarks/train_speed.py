@@ -122,7 +122,7 @@ def compare_with_official(argv: list[str], args: argparse.Namespace) -> dict:
 
     from diffusers_var.convert import convert
 
-    base = [a for i, a in enumerate(argv) if a != "--preset" and (i == 0 or argv[i - 1] != "--preset")]
+    base = _without_option(_without_option(argv, "--preset"), "--official-repo")
     with tempfile.TemporaryDirectory(prefix="var-train-speed-") as workdir:
         vae, var = official_models(args.official_repo, args.preset)
         reinit_(vae, var, args.seed)
@@ -131,7 +131,7 @@ def compare_with_official(argv: list[str], args: argparse.Namespace) -> dict:
         convert(Path(workdir, "vae.pth"), Path(workdir, "var.pth"), Path(workdir, "pipeline"), preset=args.preset)
         del vae, var
         script = [sys.executable, str(Path(__file__).resolve())]
-        ours_command = [*script, *_without_option(base, "--official-repo"), "--model", str(Path(workdir, "pipeline"))]
+        ours_command = [*script, *base, "--model", str(Path(workdir, "pipeline"))]
         official_command = [*script, *argv, "--official-worker", workdir]
         results = {}
         for side, command in (("official", official_command), ("ours", ours_command)):
@@ -167,7 +167,7 @@ def _without_option(command: list[str], option: str) -> list[str]:
 
 def compare_objectives(argv: list[str]) -> dict:
     """``--objective all``: each objective in its own process (peak memory is per process), and ratios to ce."""
-    base = [a for i, a in enumerate(argv) if a != "--objective" and (i == 0 or argv[i - 1] != "--objective")]
+    base = _without_option(argv, "--objective")
     results = {}
     for objective in ("ce", "cca", "ddo"):
         command = [sys.executable, str(Path(__file__).resolve()), *base, "--objective", objective]
