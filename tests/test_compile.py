@@ -44,3 +44,17 @@ def test_compile_without_a_compiler_warns_and_stays_eager(monkeypatch):
         pipe.compile(mode="fastest")
     with pytest.raises(ValueError, match="inductor setting"):
         pipe.compile(mode="reduce-overhead", backend="eager")
+
+
+def test_blocks_share_one_graph_per_scale():
+    """The blocks read their cache through their own VARLayerCache, never by layer number, so dynamo builds one
+    graph per scale for all of them (plus the decoder's), not depth × scales."""
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_pipeline(patch_nums=(1, 2, 3), depth=4)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.compile(backend="eager", fullgraph=True)  # fullgraph: no graph breaks either
+    _sample(pipe)
+    assert counters["stats"]["unique_graphs"] == 3 + 1
+    torch._dynamo.reset()

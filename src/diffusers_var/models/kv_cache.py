@@ -25,20 +25,44 @@ class VARNeighbours:
         )
 
 
+class VARLayerCache:
+    """One block's part of a :class:`VARKVCache`: its preallocated key and value buffers (B, H, L, d) and its AdaLN
+    projection of the class (``modulation``, ``None`` until the first scale computes it).
+
+    A block reads only this object, never its own layer number: with the cache handed over per layer, every block
+    runs the same code on the same shapes, so ``torch.compile`` builds one graph per scale that all blocks share
+    (looking a buffer up by layer number made dynamo specialise each block: depth × scales graphs).
+    """
+
+    def __init__(self, cache: VARKVCache, keys: torch.Tensor, values: torch.Tensor):
+        self.cache = cache
+        self.keys = keys
+        self.values = values
+        self.modulation: torch.Tensor | None = None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a scale's (B, H, l, d) keys and values after the filled prefix; return the prefix including them."""
+        begin = self.cache.length
+        end = begin + key.shape[2]
+        self.keys[:, :, begin:end] = key
+        self.values[:, :, begin:end] = value
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class VARKVCache:
     """Keys and values of every block, preallocated for all L positions of a sample.
 
     Each scale writes its pn² new keys and values in place; attention then reads the filled prefix. Nothing is
-    concatenated or reallocated while sampling.
+    concatenated or reallocated while sampling. ``layers[i]`` is block i's part (:class:`VARLayerCache`).
 
     A retrieval model (``num_neighbours > 0``) also keeps the keys and values of the retrieved neighbours
     (``neighbours``, read by every block): computed once at the first scale, read by every later one.
 
-    The AdaLN projections of the class condition (``modulations``: one entry per block, the shared one and the
-    head's) depend on the class labels alone, so they are computed at the first scale and reused: the official
-    sampler recomputes them at every scale, reading each block's 6·C × C projection ten times for nothing (d16 at
-    batch 1 on two CPU cores: about 0.4 s of a 10 s call). They stay valid while the transformer is called with the
-    same ``class_labels`` tensor, unchanged (:meth:`modulations_for`).
+    The AdaLN projections of the class condition (each layer's ``modulation``, and in ``modulations`` the shared
+    one and the head's) depend on the class labels alone, so they are computed at the first scale and reused: the
+    official sampler recomputes them at every scale, reading each block's 6·C × C projection ten times for nothing
+    (d16 at batch 1 on two CPU cores: about 0.4 s of a 10 s call). They stay valid while the transformer is called
+    with the same ``class_labels`` tensor, unchanged (:meth:`modulations_for`).
     """
 
     def __init__(
@@ -51,50 +75,61 @@ class VARKVCache:
         head_dim = config.embed_dim // config.num_heads
         num_tokens = sum(p * p for p in config.patch_nums)
         shape = (batch_size, config.num_heads, num_tokens, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.depth)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.depth)]
-        self.length = 0
-        self.neighbours: VARNeighbours | None = None  # None: no retrieval
+        buffers = [
+            (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            for _ in range(config.depth)
+        ]
+        self._set_buffers(buffers, length=0, neighbours=None)
+
+    def _set_buffers(self, buffers: list[tuple[torch.Tensor, torch.Tensor]], length: int, neighbours) -> None:
+        self.layers = [VARLayerCache(self, keys, values) for keys, values in buffers]
+        self.length = length
+        self.neighbours: VARNeighbours | None = neighbours  # None: no retrieval
         self.modulations: dict = {}
         self._modulation_labels: torch.Tensor | None = None
         self._modulation_labels_version = -1
 
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """Every block's key buffer (B, H, L, d); the first ``length`` positions are filled."""
+        return [layer.keys for layer in self.layers]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        """Every block's value buffer (B, H, L, d); the first ``length`` positions are filled."""
+        return [layer.values for layer in self.layers]
+
     def modulations_for(self, class_labels: torch.Tensor) -> dict:
-        """The cached AdaLN projections for ``class_labels``: emptied unless these labels are the very tensor they
-        were computed for, unchanged since. Identity and the tensor's version counter decide without reading its
-        values (no device synchronisation); the cache holds a reference, so the identity cannot be recycled."""
+        """The cached AdaLN projections for ``class_labels``: emptied (with every layer's) unless these labels are
+        the very tensor they were computed for, unchanged since. Identity and the tensor's version counter decide
+        without reading its values (no device synchronisation); the cache holds a reference, so the identity
+        cannot be recycled."""
         if class_labels is not self._modulation_labels or class_labels._version != self._modulation_labels_version:
             self.modulations = {}
+            for layer in self.layers:
+                layer.modulation = None
             self._modulation_labels, self._modulation_labels_version = class_labels, class_labels._version
         return self.modulations
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write a scale's (B, H, l, d) keys and values after the filled prefix; return the prefix including them."""
-        end = self.length + key.shape[2]
-        self.keys[layer_idx][:, :, self.length : end] = key
-        self.values[layer_idx][:, :, self.length : end] = value
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        """Block ``layer_idx``'s :meth:`VARLayerCache.update`."""
+        return self.layers[layer_idx].update(key, value)
 
     def advance(self, num_tokens: int) -> None:
         """Mark a scale's tokens as filled once every block has written them."""
         self.length += num_tokens
 
+    def _copy(self, function) -> VARKVCache:
+        copy = object.__new__(VARKVCache)
+        buffers = [(function(layer.keys), function(layer.values)) for layer in self.layers]
+        neighbours = None if self.neighbours is None else self.neighbours.map(function)
+        copy._set_buffers(buffers, self.length, neighbours)  # the AdaLN projections are recomputed
+        return copy
+
     def clone(self) -> VARKVCache:
         """An independent copy (the whole preallocated buffers), e.g. to branch one partial sample into several."""
-        copy = object.__new__(VARKVCache)
-        copy.keys = [k.clone() for k in self.keys]
-        copy.values = [v.clone() for v in self.values]
-        copy.length = self.length
-        copy.neighbours = None if self.neighbours is None else self.neighbours.map(torch.clone)
-        copy.modulations, copy._modulation_labels, copy._modulation_labels_version = {}, None, -1  # recomputed
-        return copy
+        return self._copy(torch.clone)
 
     def select(self, index: torch.LongTensor) -> VARKVCache:
         """A new cache holding only the rows ``index`` (of the batch dimension), e.g. to keep the best branches."""
-        copy = object.__new__(VARKVCache)
-        copy.keys = [k.index_select(0, index) for k in self.keys]
-        copy.values = [v.index_select(0, index) for v in self.values]
-        copy.length = self.length
-        copy.neighbours = None if self.neighbours is None else self.neighbours.map(lambda t: t.index_select(0, index))
-        copy.modulations, copy._modulation_labels, copy._modulation_labels_version = {}, None, -1  # recomputed
-        return copy
+        return self._copy(lambda t: t.index_select(0, index))

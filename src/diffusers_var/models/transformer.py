@@ -20,7 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from ..remote_code import package_only
-from .kv_cache import VARKVCache, VARNeighbours
+from .kv_cache import VARKVCache, VARLayerCache, VARNeighbours
 from .loading import load_strictly
 from .transformer_config import VARConfig
 
@@ -116,7 +116,7 @@ class VARAttention(nn.Module):
         self,
         hidden: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        kv_cache: VARKVCache | None = None,
+        kv_cache: VARLayerCache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, channels = hidden.shape
@@ -127,7 +127,7 @@ class VARAttention(nn.Module):
             query = F.normalize(query, dim=-1) * self.logit_scale.clamp_max(_MAX_LOGIT_SCALE).exp()
             key = F.normalize(key, dim=-1)
         if kv_cache is not None:
-            key, value = kv_cache.update(self.layer_idx, key, value)
+            key, value = kv_cache.update(key, value)
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         out, weights = attention(
@@ -240,23 +240,23 @@ class VARBlock(GradientCheckpointingLayer):
         hidden: torch.Tensor,
         modulation: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        kv_cache: VARKVCache | None = None,
+        kv_cache: VARLayerCache | None = None,
         output_attentions: bool = False,
         neighbours: VARNeighbours | None = None,
         neighbour_scales: list[tuple[int, int, int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``neighbours``: a retrieval model's neighbours (or ``None``); ``neighbour_scales``: the (scale index,
-        begin, end) of each scale's positions in ``hidden``."""
-        cached = None if kv_cache is None else kv_cache.modulations.get(self.attn.layer_idx)
-        if cached is not None:  # sampling: computed at the first scale (the class is the same at every scale)
-            modulation = cached
+        """``kv_cache``: this block's part of the cache (sampling), ``None`` in teacher forcing. ``neighbours``: a
+        retrieval model's neighbours (or ``None``); ``neighbour_scales``: the (scale index, begin, end) of each
+        scale's positions in ``hidden``."""
+        if kv_cache is not None and kv_cache.modulation is not None:  # sampling: projected at the first scale
+            modulation = kv_cache.modulation
         else:
             if hasattr(self, "scale_shift_table"):
                 modulation = self.scale_shift_table + modulation
             else:
                 modulation = self.adaln(F.silu(modulation)).view(-1, 1, 6, hidden.shape[-1])
             if kv_cache is not None:
-                kv_cache.modulations[self.attn.layer_idx] = modulation
+                kv_cache.modulation = modulation
         gate_attn, gate_mlp, scale_attn, scale_mlp, shift_attn, shift_mlp = modulation.unbind(2)
         normed = self.norm(hidden) * (1 + scale_attn) + shift_attn
         attended, weights = self.attn(normed, attn_mask, kv_cache, output_attentions)
@@ -652,8 +652,11 @@ class VARTransformer(VARPreTrainedModel):
         modulation = self._modulation(condition, cached)
         all_hidden = (hidden,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for block in self.blocks:
-            hidden, weights = block(hidden, modulation, mask, kv_cache, output_attentions, neighbours, neighbour_scales)
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if kv_cache is None else kv_cache.layers[i]
+            hidden, weights = block(
+                hidden, modulation, mask, layer_cache, output_attentions, neighbours, neighbour_scales
+            )
             if output_hidden_states:
                 all_hidden += (hidden,)
             if output_attentions:

@@ -6,10 +6,9 @@ scheduler's draws, the checks) stays eager. Shapes are static: each scale is its
 which is what lets inductor choose kernels per shape and, with ``mode="reduce-overhead"`` on CUDA, ask for CUDA
 graphs.
 
-Known limit: a block indexes the KV cache (and its cached AdaLN projection) by its layer number, which dynamo
-specialises on, so the blocks do not share graphs yet: depth × scales graphs are needed, and past
-``RECOMPILE_LIMIT`` dynamo runs the remaining ones eagerly (correct, with its recompile warning). At d16 on a CPU
-this is slower than eager; sharing one graph per scale across blocks is the next step.
+Every block reads its part of the KV cache through its own :class:`~diffusers_var.models.kv_cache.VARLayerCache`
+(buffers and cached AdaLN projection passed in, never looked up by layer number), so all blocks run one graph per
+scale: ten graphs for the blocks at 256 px, plus one per decoder shape, per batch size.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import warnings
 
 import torch
 
-# one graph per (scale, batch shape): ten scales with and without guidance, a few batch sizes
+# graphs per compiled code object: one per (scale, batch shape), e.g. ten scales × a few batch sizes
 RECOMPILE_LIMIT = 64
 
 
