@@ -132,8 +132,8 @@ class VARPipeline(DiffusionPipeline):
         Regional compilation of the blocks with static shapes (``dynamic=False``): the first call at each batch
         size compiles every scale, later calls reuse the graphs; ``torch._dynamo.config.recompile_limit`` is raised
         to at least 64 for that. All blocks share one graph per scale (see
-        :mod:`diffusers_var.pipelines.compilation`). The sampling loop stays eager; weights, ``state_dict`` keys and saving are unchanged. Call it after moving the pipeline
-        to its device.
+        :mod:`diffusers_var.pipelines.compilation`). The sampling loop stays eager; weights, ``state_dict`` keys and
+        saving are unchanged. Call it after moving the pipeline to its device.
 
         Args:
             mode: inductor's mode: ``"reduce-overhead"`` on CUDA asks for CUDA graphs (batch-1 latency, where
