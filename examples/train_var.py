@@ -74,6 +74,7 @@ from diffusers_var.training.objective import teacher_forcing_batch, var_loss
 from diffusers_var.training.optim import make_optimizer, scaled_learning_rate
 from diffusers_var.training.reference import check_reference, disable_dropout, frozen_reference, load_reference
 from diffusers_var.training.retrieval import neighbour_codes
+from diffusers_var.training.self_play import FAKE_TOKENS
 from diffusers_var.training.validation import log_validation_grid
 
 logger = get_logger(__name__)
@@ -128,6 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="reference samples drawn per round (default: one per fake row of the round's steps)",
     )
     post.add_argument("--ddo_generation_batch_size", type=int, default=64)
+    post.add_argument(
+        "--ddo_fake_tokens",
+        choices=FAKE_TOKENS,
+        default="reencoded",
+        help="the reference's samples decoded to 8-bit pixels and tokenized again like real images (default), or "
+        "the token pyramids it drew (the distribution DDO's ratio is defined on); see the README's DDO section",
+    )
     lora = parser.add_argument_group("LoRA (train adapters only; needs peft)")
     lora.add_argument("--lora_rank", type=int, default=0, help="adapter rank; 0 trains the whole transformer")
     lora.add_argument("--lora_alpha", type=float, default=None, help="adapter scale numerator (default: the rank)")
@@ -461,6 +469,7 @@ class SelfPlay:
             "round_starts": self.round_starts,
             "num_samples": self.num_samples,
             "generation_batch_size": args.ddo_generation_batch_size,  # the cache's file layout
+            "fake_tokens": args.ddo_fake_tokens,
             "tokenizer": tokenizer_fingerprint(vqvae),
         }
         self.round, self.reference = None, None

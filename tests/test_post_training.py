@@ -320,6 +320,27 @@ def test_a_sample_does_not_depend_on_the_batch_it_is_drawn_in():
     assert not torch.equal(draw_samples(*args, labels, [s + 1 for s in seeds], "cpu"), together)
 
 
+def test_fakes_are_the_drawn_pyramids_or_their_pixels_tokenized_again():
+    pipe = tiny_pipeline()
+    labels, seeds = [0, 1, 2], [21, 22, 23]
+    args = (pipe.transformer, pipe.vqvae, pipe.scheduler, labels, seeds, "cpu")
+    output = pipe(
+        class_labels=labels,
+        guidance_scale=1.0,
+        top_k=0,
+        top_p=1.0,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="pt",
+    )
+    drawn = torch.cat([t.flatten(1) for t in output.token_maps], dim=1)
+    assert torch.equal(draw_samples(*args, "sampled"), drawn)
+    pixels = (output.images * 255).round() / 255 * 2 - 1
+    again = torch.cat([t.flatten(1) for t in pipe.vqvae.tokenize(pixels)], dim=1)
+    assert torch.equal(draw_samples(*args, "reencoded"), again)
+    with pytest.raises(ValueError, match="fake_tokens must be one of"):
+        draw_samples(*args, "decoded")
+
+
 def test_a_self_play_cache_of_other_settings_or_foreign_files_is_refused(tmp_path):
     settings = {"seed": 0, "rounds": 2, "num_samples": 6}
     folder = tmp_path / "round-000"
@@ -452,3 +473,16 @@ def test_the_documented_fsdp_configuration_is_one_accelerate_reads():
     from diffusers_var.models import transformer
 
     assert hasattr(transformer, config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+
+
+def test_likelihood_by_scale_reports_every_scale(capsys):
+    """examples/post_training/likelihood_by_scale.py on the bundled model against itself: r is exactly 0."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "post_training"))
+    from likelihood_by_scale import main
+
+    report = main(["--model", "var-digits", "--num-samples", "20", "--num-real", "40", "--threads", "1"])
+    scales = len(report["patch_nums"])
+    assert all(len(v) == scales for v in report["nats_per_token"].values())
+    assert len(report["reencode_changes"]) == scales and all(0 <= c <= 1 for c in report["reencode_changes"])
+    assert report["models"]["var-digits"]["r_read_right"] == [0.0] * scales
+    assert json.loads(capsys.readouterr().out) == report

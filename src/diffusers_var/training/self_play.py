@@ -8,7 +8,8 @@ cached on disk so that an interrupted run resumes without drawing them again.
 Sample i of a round has class ``i % num_classes`` and its own generator (seeded from the run seed, the round, the
 class and the index), so the cache is the same for a seed whatever the batch size, the number of processes or where
 a run was interrupted. Samples are drawn as the reference's own distribution (guidance 1, top-k 0, top-p 1), rounded
-to 8-bit pixels like the real images, and tokenized by the same frozen tokenizer.
+to 8-bit pixels like the real images, and tokenized by the same frozen tokenizer (``fake_tokens="reencoded"``), or
+kept as the token pyramids the reference drew (``"sampled"``, the distribution the likelihood ratio is defined on).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ from ..schedulers.scale import VARScaleScheduler
 logger = logging.getLogger(__name__)  # not accelerate's: the cache is also read outside a training process
 
 WRITTEN_BY = "diffusers-var train_var.py --objective ddo"
+# What DDO's fakes are: their pixels tokenized again (as the issue and real images have it), or the reference's own
+# token pyramids. The tokenizer does not reproduce its own decodes (var-digits: 19 % of the 1×1 tokens and 79 % of
+# the 8×8 ones change), so re-encoded fakes are pyramids the reference hardly draws (6.1 nats per 8×8 token against
+# 0.7 for its own draws) and the discriminator's margin grows there, at the finest scales.
+FAKE_TOKENS = ("sampled", "reencoded")
 _ROUND_SEED_OFFSET = 1000  # keeps the self-play samples apart from `diffusers-var generate --seed` (candidate 0)
 
 
@@ -70,17 +76,30 @@ def draw_samples(
     class_labels: list[int],
     seeds: list[int],
     device: torch.device | str,
+    fake_tokens: str = "reencoded",
 ) -> torch.LongTensor:
-    """Token pyramids (n, L) of the reference's own samples for these classes and per-sample seeds: sampled with
-    VARPipeline (guidance 1, no top-k or top-p), decoded, rounded to 8-bit pixels and tokenized again."""
+    """Token pyramids (n, L) of the reference's own samples for these classes and per-sample seeds, sampled with
+    VARPipeline (guidance 1, no top-k or top-p). ``fake_tokens``: ``"sampled"`` keeps the tokens the reference drew;
+    ``"reencoded"`` decodes them, rounds to 8-bit pixels and tokenizes again, as a real image is."""
     from ..pipelines.var import VARPipeline
 
+    if fake_tokens not in FAKE_TOKENS:
+        raise ValueError(f"fake_tokens must be one of {FAKE_TOKENS}, got {fake_tokens!r}.")
     pipe = VARPipeline(vqvae=vqvae, transformer=reference, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
-    images = pipe(
-        class_labels=class_labels, guidance_scale=1.0, top_k=0, top_p=1.0, generator=generators, output_type="pt"
-    ).images  # (n, 3, H, W) in [0, 1]
+    output = pipe(
+        class_labels=class_labels,
+        guidance_scale=1.0,
+        top_k=0,
+        top_p=1.0,
+        generator=generators,
+        output_type="pt",
+        return_dict=True,
+    )
+    if fake_tokens == "sampled":
+        return torch.cat([t.flatten(1) for t in output.token_maps], dim=1)
+    images = output.images  # (n, 3, H, W) in [0, 1]
     pixels = (images.float() * 255).round() / 255 * 2 - 1  # what a PNG of the sample holds, in the tokenizer's range
     with torch.autocast(torch.device(device).type, enabled=False):  # tokenized exactly as the real images are
         token_maps = vqvae.tokenize(pixels.to(device=vqvae.device, dtype=vqvae.dtype))
@@ -246,7 +265,9 @@ class SelfPlayRound:
                 sample_seed(seed, i % num_classes, i // num_classes, _ROUND_SEED_OFFSET + self.index) for i in indices
             ]
             with accelerator.autocast():  # sampled in the training precision; tokenized in full (as real images)
-                targets = draw_samples(reference, vqvae, scheduler, labels, seeds, accelerator.device)
+                targets = draw_samples(
+                    reference, vqvae, scheduler, labels, seeds, accelerator.device, self.settings["fake_tokens"]
+                )
             tensors = {"targets": targets.to(torch.int32).cpu(), "class_labels": torch.tensor(labels)}
             metadata = {"written_by": WRITTEN_BY, "round": str(self.index), "sha256": weights_digest(tensors)}
             _save_tensors_atomically(tensors, self._chunk_path(chunk), metadata)
