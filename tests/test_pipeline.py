@@ -344,3 +344,36 @@ def test_a_callback_must_return_its_dict_and_keep_the_latents_shape(pipe):
     with pytest.raises(ValueError, match=r"must keep \(1, 8, 4, 4\)"):
         pipe(class_labels=1, callback_on_step_end=lambda p, i, t, kw: {"latents": torch.zeros(2, 8)},
              callback_on_step_end_tensor_inputs=["latents"], generator=_seed())  # fmt: skip
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that make the host wait for a device's result: reading a value (``item``, ``bool``, ``int``)
+    or a result whose shape depends on values (``nonzero``, ``masked_select``, boolean indexing)."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+    READS += (torch.ops.aten.masked_select.default,)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1]
+        )
+        self.count += func in self.READS or boolean_index
+        return func(*args, **kwargs or {})
+
+
+@pytest.mark.parametrize("options", [{}, {"top_k": 3, "top_p": 0.9}, {"guidance_scale": 1.0}])
+def test_the_scale_loop_never_waits_for_the_device(options):
+    """On a GPU the host queues every scale without waiting: the number of host reads of a call does not grow with
+    the number of scales (they are the label check before the loop, the logits' finiteness read once after it and
+    the decoder's)."""
+    reads = []
+    for patch_nums in ((1, 2), (1, 2, 3, 4, 5)):
+        pipe = tiny_pipeline(patch_nums=patch_nums)
+        with _HostReads() as mode:
+            pipe(class_labels=[1, 3], output_type="pt", generator=torch.Generator().manual_seed(0), **options)
+        reads.append(mode.count)
+    assert reads[0] == reads[1] <= 4, reads
