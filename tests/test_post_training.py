@@ -350,6 +350,10 @@ def test_a_self_play_cache_of_other_settings_or_foreign_files_is_refused(tmp_pat
     assert SelfPlayRound(tmp_path, 0, settings)._check_settings()["reference_sha256"] == "x"
     with pytest.raises(ValueError, match="num_samples: cached 6, now 7"):
         SelfPlayRound(tmp_path, 0, {**settings, "num_samples": 7})._check_settings()
+    # a cache from before --ddo_fake_tokens existed holds re-encoded fakes
+    assert SelfPlayRound(tmp_path, 0, {**settings, "fake_tokens": "reencoded"})._check_settings()
+    with pytest.raises(ValueError, match="fake_tokens: cached 'reencoded', now 'sampled'"):
+        SelfPlayRound(tmp_path, 0, {**settings, "fake_tokens": "sampled"})._check_settings()
     (folder / "round.json").write_text(json.dumps({**record, "written_by": "someone"}))
     with pytest.raises(ValueError, match="not written by"):
         SelfPlayRound(tmp_path, 0, settings)._check_settings()

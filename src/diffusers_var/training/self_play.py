@@ -1,4 +1,4 @@
-"""DDO's self-play data: each round's reference model, and its samples decoded to pixels and re-encoded to tokens,
+"""DDO's self-play data: each round's reference model, and its samples (re-encoded from their pixels, or as drawn),
 cached on disk so that an interrupted run resumes without drawing them again.
 
     OUTPUT_DIR/self_play/round-000/round.json                 the settings of the run the cache belongs to
@@ -36,8 +36,8 @@ from ..schedulers.scale import VARScaleScheduler
 logger = logging.getLogger(__name__)  # not accelerate's: the cache is also read outside a training process
 
 WRITTEN_BY = "diffusers-var train_var.py --objective ddo"
-# What DDO's fakes are: their pixels tokenized again (as the issue and real images have it), or the reference's own
-# token pyramids. The tokenizer does not reproduce its own decodes (var-digits: 19 % of the 1×1 tokens and 79 % of
+# What DDO's fakes are: their pixels tokenized again (as real images are), or the token pyramids the reference
+# drew. The tokenizer does not reproduce its own decodes (var-digits: 19 % of the 1×1 tokens and 79 % of
 # the 8×8 ones change), so re-encoded fakes are pyramids the reference hardly draws (6.1 nats per 8×8 token against
 # 0.7 for its own draws) and the discriminator's margin grows there, at the finest scales.
 FAKE_TOKENS = ("sampled", "reencoded")
@@ -94,7 +94,7 @@ def draw_samples(
         top_k=0,
         top_p=1.0,
         generator=generators,
-        output_type="pt",
+        output_type="latent" if fake_tokens == "sampled" else "pt",  # the decoder runs only for re-encoding
         return_dict=True,
     )
     if fake_tokens == "sampled":
@@ -139,6 +139,7 @@ class SelfPlayRound:
                 )
             return None
         recorded = json.loads(record.read_text())
+        recorded.setdefault("fake_tokens", "reencoded")  # caches written before the choice existed re-encoded
         if recorded.get("written_by") != WRITTEN_BY:
             raise ValueError(f"{record} was not written by {WRITTEN_BY}; choose another --output_dir.")
         mismatched = {k: (recorded.get(k), v) for k, v in self.settings.items() if recorded.get(k) != v}
