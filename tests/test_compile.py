@@ -54,7 +54,9 @@ def test_blocks_share_one_graph_per_scale():
     pipe = tiny_pipeline(patch_nums=(1, 2, 3), depth=4)
     torch._dynamo.reset()
     counters.clear()
-    pipe.compile(backend="eager", fullgraph=True)  # fullgraph: no graph breaks either
-    _sample(pipe)
-    assert counters["stats"]["unique_graphs"] == 3 + 1
-    torch._dynamo.reset()
+    try:
+        pipe.compile(backend="eager", fullgraph=True)  # fullgraph: no graph breaks either
+        _sample(pipe)
+        assert counters["stats"]["unique_graphs"] == 3 + 1
+    finally:
+        torch._dynamo.reset()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,3 +290,22 @@ def test_input_embeddings_and_input_require_grads():
     assert model.class_embedding is replacement
     with pytest.raises(NotImplementedError, match="resize_class_embedding"):
         model.resize_token_embeddings(40)
+
+
+def test_a_dropped_kv_cache_frees_its_buffers_at_once():
+    """No reference cycle: the pipeline drops the cache before decoding and search drops every branch it replaces,
+    which must free the buffers then, not at Python's next full garbage collection."""
+    model = tiny_transformer()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            cache = model.allocate_kv_cache(2)
+            model.forward_scale(LABELS, 0, None, cache)
+            branches = [cache.clone(), cache.select(torch.tensor([1]))]
+            alive = [weakref.ref(c) for c in (cache, *branches)] + [weakref.ref(cache.keys[0])]
+            del cache, branches
+        assert [ref() for ref in alive] == [None] * len(alive)
+    finally:
+        if enabled:
+            gc.enable()

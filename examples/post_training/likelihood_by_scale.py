@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be ≥ 1, got {args.threads}")
     if args.num_real is not None and args.num_real < 1:
         parser.error(f"--num-real must be ≥ 1, got {args.num_real}")
     if args.num_samples < 10:

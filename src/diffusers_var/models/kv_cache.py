@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,18 +32,20 @@ class VARLayerCache:
 
     A block reads only this object, never its own layer number: with the cache handed over per layer, every block
     runs the same code on the same shapes, so ``torch.compile`` builds one graph per scale that all blocks share
-    (looking a buffer up by layer number made dynamo specialise each block: depth × scales graphs).
+    (looking a buffer up by layer number made dynamo specialise each block: depth × scales graphs). It keeps its own
+    copy of the filled ``length`` rather than a link to the whole cache, so that dropping a cache frees its buffers
+    at once (a reference cycle would keep them until Python's next full garbage collection).
     """
 
-    def __init__(self, cache: VARKVCache, keys: torch.Tensor, values: torch.Tensor):
-        self.cache = cache
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int = 0):
         self.keys = keys
         self.values = values
+        self.length = length
         self.modulation: torch.Tensor | None = None
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write a scale's (B, H, l, d) keys and values after the filled prefix; return the prefix including them."""
-        begin = self.cache.length
+        begin = self.length
         end = begin + key.shape[2]
         self.keys[:, :, begin:end] = key
         self.values[:, :, begin:end] = value
@@ -53,7 +56,8 @@ class VARKVCache:
     """Keys and values of every block, preallocated for all L positions of a sample.
 
     Each scale writes its pn² new keys and values in place; attention then reads the filled prefix. Nothing is
-    concatenated or reallocated while sampling. ``layers[i]`` is block i's part (:class:`VARLayerCache`).
+    concatenated or reallocated while sampling. ``layers[i]`` is block i's part (:class:`VARLayerCache`); ``keys``
+    and ``values`` list the layers' buffers (read-only: the buffers themselves are written in place).
 
     A retrieval model (``num_neighbours > 0``) also keeps the keys and values of the retrieved neighbours
     (``neighbours``, read by every block): computed once at the first scale, read by every later one.
@@ -81,13 +85,19 @@ class VARKVCache:
         ]
         self._set_buffers(buffers, length=0, neighbours=None)
 
-    def _set_buffers(self, buffers: list[tuple[torch.Tensor, torch.Tensor]], length: int, neighbours) -> None:
-        self.layers = [VARLayerCache(self, keys, values) for keys, values in buffers]
-        self.length = length
-        self.neighbours: VARNeighbours | None = neighbours  # None: no retrieval
-        self.modulations: dict = {}
+    def _set_buffers(
+        self, buffers: list[tuple[torch.Tensor, torch.Tensor]], length: int, neighbours: VARNeighbours | None
+    ) -> None:
+        self.layers = [VARLayerCache(keys, values, length) for keys, values in buffers]
+        self.neighbours = neighbours  # None: no retrieval
+        self.modulations: dict[str, torch.Tensor] = {}  # the shared AdaLN projection and the head's
         self._modulation_labels: torch.Tensor | None = None
         self._modulation_labels_version = -1
+
+    @property
+    def length(self) -> int:
+        """The number of filled positions (every finished scale's tokens)."""
+        return self.layers[0].length
 
     @property
     def keys(self) -> list[torch.Tensor]:
@@ -99,7 +109,7 @@ class VARKVCache:
         """Every block's value buffer (B, H, L, d); the first ``length`` positions are filled."""
         return [layer.values for layer in self.layers]
 
-    def modulations_for(self, class_labels: torch.Tensor) -> dict:
+    def modulations_for(self, class_labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The cached AdaLN projections for ``class_labels``: emptied (with every layer's) unless these labels are
         the very tensor they were computed for, unchanged since. Identity and the tensor's version counter decide
         without reading its values (no device synchronisation); the cache holds a reference, so the identity
@@ -117,9 +127,11 @@ class VARKVCache:
 
     def advance(self, num_tokens: int) -> None:
         """Mark a scale's tokens as filled once every block has written them."""
-        self.length += num_tokens
+        for layer in self.layers:
+            layer.length += num_tokens
 
-    def _copy(self, function) -> VARKVCache:
+    def _copy(self, function: Callable[[torch.Tensor], torch.Tensor]) -> VARKVCache:
+        """A new cache of ``function`` applied to every buffer (and the neighbours); projections are recomputed."""
         copy = object.__new__(VARKVCache)
         buffers = [(function(layer.keys), function(layer.values)) for layer in self.layers]
         neighbours = None if self.neighbours is None else self.neighbours.map(function)

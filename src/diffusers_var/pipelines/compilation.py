@@ -8,7 +8,8 @@ graphs.
 
 Every block reads its part of the KV cache through its own :class:`~diffusers_var.models.kv_cache.VARLayerCache`
 (buffers and cached AdaLN projection passed in, never looked up by layer number), so all blocks run one graph per
-scale: ten graphs for the blocks at 256 px, plus one per decoder shape, per batch size.
+scale: ten graphs for the blocks at 256 px, plus one per decoder shape, per batch size. A cache that search has
+branched (``clone``/``select``) projects the class again at its next scale, which is one more graph for that scale.
 """
 
 from __future__ import annotations

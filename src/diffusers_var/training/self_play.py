@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)  # not accelerate's: the cache is also read
 
 WRITTEN_BY = "diffusers-var train_var.py --objective ddo"
 # What DDO's fakes are: their pixels tokenized again (as real images are), or the token pyramids the reference
-# drew. The tokenizer does not reproduce its own decodes (var-digits: 19 % of the 1×1 tokens and 79 % of
-# the 8×8 ones change), so re-encoded fakes are pyramids the reference hardly draws (6.1 nats per 8×8 token against
-# 0.7 for its own draws) and the discriminator's margin grows there, at the finest scales.
+# drew. The tokenizer does not reproduce its own decodes (var-digits, examples/post_training/likelihood_by_scale.py:
+# 20 % of the 1×1 tokens and 79 % of the 8×8 ones change), so re-encoded fakes are pyramids the reference hardly
+# draws (6.5 nats per 8×8 token against 0.68 for its own draws) and the discriminator's margin grows there.
 FAKE_TOKENS = ("sampled", "reencoded")
 _ROUND_SEED_OFFSET = 1000  # keeps the self-play samples apart from `diffusers-var generate --seed` (candidate 0)
 
@@ -121,7 +121,9 @@ class SelfPlayRound:
         self.index = index
         self.root = Path(root)
         self.directory = self.root / f"round-{index:03d}"
-        self.settings = {**settings, "round": index}
+        self.settings = {"fake_tokens": "reencoded", **settings, "round": index}
+        if self.settings["fake_tokens"] not in FAKE_TOKENS:
+            raise ValueError(f"fake_tokens must be one of {FAKE_TOKENS}, got {self.settings['fake_tokens']!r}.")
         self.labels: torch.LongTensor | None = None
         self.targets: torch.IntTensor | None = None
         self._order: torch.LongTensor | None = None
