@@ -74,7 +74,7 @@ from diffusers_var.training.objective import teacher_forcing_batch, var_loss
 from diffusers_var.training.optim import make_optimizer, scaled_learning_rate
 from diffusers_var.training.reference import check_reference, disable_dropout, frozen_reference, load_reference
 from diffusers_var.training.retrieval import neighbour_codes
-from diffusers_var.training.self_play import FAKE_TOKENS
+from diffusers_var.training.self_play import DEFAULT_FAKE_TOKENS, FAKE_TOKENS
 from diffusers_var.training.validation import log_validation_grid
 
 logger = get_logger(__name__)
@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     post.add_argument(
         "--ddo_fake_tokens",
         choices=FAKE_TOKENS,
-        default="reencoded",
+        default=DEFAULT_FAKE_TOKENS,
         help="the reference's samples decoded to 8-bit pixels and tokenized again like real images (default), or "
         "the token pyramids it drew (the distribution DDO's ratio is defined on); see the README's DDO section",
     )

@@ -41,6 +41,14 @@ WRITTEN_BY = "diffusers-var train_var.py --objective ddo"
 # 20 % of the 1×1 tokens and 79 % of the 8×8 ones change), so re-encoded fakes are pyramids the reference hardly
 # draws (6.5 nats per 8×8 token against 0.68 for its own draws) and the discriminator's margin grows there.
 FAKE_TOKENS = ("sampled", "reencoded")
+DEFAULT_FAKE_TOKENS = "reencoded"  # also what a cache written before the choice existed holds
+
+
+def check_fake_tokens(fake_tokens: str) -> None:
+    if fake_tokens not in FAKE_TOKENS:
+        raise ValueError(f"fake_tokens must be one of {FAKE_TOKENS}, got {fake_tokens!r}.")
+
+
 _ROUND_SEED_OFFSET = 1000  # keeps the self-play samples apart from `diffusers-var generate --seed` (candidate 0)
 
 
@@ -76,15 +84,14 @@ def draw_samples(
     class_labels: list[int],
     seeds: list[int],
     device: torch.device | str,
-    fake_tokens: str = "reencoded",
+    fake_tokens: str = DEFAULT_FAKE_TOKENS,
 ) -> torch.LongTensor:
     """Token pyramids (n, L) of the reference's own samples for these classes and per-sample seeds, sampled with
     VARPipeline (guidance 1, no top-k or top-p). ``fake_tokens``: ``"sampled"`` keeps the tokens the reference drew;
     ``"reencoded"`` decodes them, rounds to 8-bit pixels and tokenizes again, as a real image is."""
     from ..pipelines.var import VARPipeline
 
-    if fake_tokens not in FAKE_TOKENS:
-        raise ValueError(f"fake_tokens must be one of {FAKE_TOKENS}, got {fake_tokens!r}.")
+    check_fake_tokens(fake_tokens)
     pipe = VARPipeline(vqvae=vqvae, transformer=reference, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
@@ -121,9 +128,8 @@ class SelfPlayRound:
         self.index = index
         self.root = Path(root)
         self.directory = self.root / f"round-{index:03d}"
-        self.settings = {"fake_tokens": "reencoded", **settings, "round": index}
-        if self.settings["fake_tokens"] not in FAKE_TOKENS:
-            raise ValueError(f"fake_tokens must be one of {FAKE_TOKENS}, got {self.settings['fake_tokens']!r}.")
+        self.settings = {"fake_tokens": DEFAULT_FAKE_TOKENS, **settings, "round": index}
+        check_fake_tokens(self.settings["fake_tokens"])
         self.labels: torch.LongTensor | None = None
         self.targets: torch.IntTensor | None = None
         self._order: torch.LongTensor | None = None
@@ -141,7 +147,7 @@ class SelfPlayRound:
                 )
             return None
         recorded = json.loads(record.read_text())
-        recorded.setdefault("fake_tokens", "reencoded")  # caches written before the choice existed re-encoded
+        recorded.setdefault("fake_tokens", DEFAULT_FAKE_TOKENS)
         if recorded.get("written_by") != WRITTEN_BY:
             raise ValueError(f"{record} was not written by {WRITTEN_BY}; choose another --output_dir.")
         mismatched = {k: (recorded.get(k), v) for k, v in self.settings.items() if recorded.get(k) != v}
