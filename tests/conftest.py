@@ -21,6 +21,16 @@ FIXTURES_DEFAULT = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixt
 TINY_PATCH_NUMS = (1, 2, 4)
 
 
+def load_script(path: Path, name: str):
+    """A script (examples/, benchmarks/) imported as a module, to call its parser or functions in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def reference_fixtures_dir() -> Path:
     """The official-code fixtures: $VAR_REFERENCE_FIXTURES, or ../shared/fixtures/var_reference beside the repo."""
     return Path(os.environ.get(FIXTURES_ENV, FIXTURES_DEFAULT)).resolve()

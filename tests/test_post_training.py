@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_images, tiny_pipeline, tiny_transformer
+from conftest import load_script, tiny_images, tiny_pipeline, tiny_transformer
 from safetensors.torch import load_file, save_file
 from test_train_var import SCRIPT, emulate_kill_after, max_relative_difference, run, weights
 from test_training_data import make_imagefolder
@@ -376,10 +376,7 @@ def test_a_self_play_cache_of_other_settings_or_foreign_files_is_refused(tmp_pat
 
 
 def _train_var_module():
-    spec = importlib.util.spec_from_file_location("train_var_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "train_var_script")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ Each run is a real subprocess (``python examples/train_var.py`` or ``accelerate 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launcher_without_upload, tiny_pipeline
+from conftest import launcher_without_upload, load_script, tiny_pipeline
 from safetensors.torch import load_file
 from test_training_data import make_imagefolder
 
@@ -307,9 +306,7 @@ def test_lora_trains_only_the_adapter_resumes_exactly_and_loads_on_the_base(work
 
 def test_lora_flags_are_checked(capsys):
     # (unknown --lora_target_modules: the library's error, tests/test_lora.py)
-    spec = importlib.util.spec_from_file_location("train_var_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT, "train_var_script")
     with pytest.raises(SystemExit):  # refused when the arguments are read
         module.parse_args(["--pretrained_model_name_or_path", "pipe", "--lora_rank", "4", "--num_classes", "5"])
     assert "--num_classes with --lora_rank" in capsys.readouterr().err

@@ -5,7 +5,6 @@ Each run is a real subprocess, as a user runs it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import load_file
 from test_tokenizer_training_parts import save_random_lpips, save_tiny_dinov2
 
@@ -177,9 +177,7 @@ def test_finetune_from_a_pipeline_folder(workspace):
     ],
 )
 def test_missing_weight_paths_are_refused_when_the_arguments_are_read(extra, message, capsys):
-    spec = importlib.util.spec_from_file_location("train_vqvae_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT, "train_vqvae_script")
     with pytest.raises(SystemExit) as exit_info:
         module.parse_args(["--pretrained_vqvae_name_or_path", "pipe", "--train_data_dir", "data", *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
