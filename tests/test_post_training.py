@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -452,9 +451,7 @@ def test_the_post_training_recipe_runs_in_smoke_form(tmp_path):
     assert (run_dir / "pipeline" / "self_play" / "round-001" / "reference.safetensors").is_file()
     assert "Direct Discriminative Optimization" in (run_dir / "pipeline" / "README.md").read_text()
     # the recipe's folder is its own: other arguments, or someone else's files, are refused
-    spec = importlib.util.spec_from_file_location("post_training_recipe", recipe)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(recipe, "post_training_recipe")
     other = module.parse_args(["--objective", "ddo", "--output-dir", str(run_dir), "--smoke", "--seed", "3"])
     with pytest.raises(SystemExit, match=r"holds a run with other arguments \(seed: 0 → 3\)"):
         module.claim_output_dir(run_dir, other)
