@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -146,6 +147,27 @@ def test_ddo_gradient_at_the_reference_raises_real_and_lowers_sample_likelihood(
     loss_real_only, _ = ddo_batch_loss(model, reference, real, fake, 0.0, beta, null_prob=0.0)
     step = -_gradient(model, loss_real_only)
     assert step @ grad_real > 0 and step @ grad_fake != 0
+
+
+@pytest.mark.parametrize("beta", [0.02, 1.0])
+def test_ddo_reference_that_fits_the_data_is_unstable_beyond_the_alpha_threshold(beta):
+    """The README's stability claim: where p_ref = p_data, θ = ref is a minimum of the DDO loss for
+    α(2 − β) < 2 + β and a maximum beyond. Exact expectations: a uniform categorical model over K outcomes,
+    each outcome once as a real and once as a fake row, so the batch means are the expectations."""
+    num_outcomes = 6
+    reference_logits = torch.zeros(num_outcomes, dtype=torch.float64)
+    threshold = (2 + beta) / (2 - beta)
+
+    def loss(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+        log_p, ref_log_p = F.log_softmax(logits, 0), F.log_softmax(reference_logits, 0)
+        return ddo_loss(log_p, ref_log_p, log_p, ref_log_p, alpha=alpha, beta=beta)
+
+    # the logits' common shift changes nothing: look at the curvature orthogonal to it
+    basis = torch.linalg.qr(torch.eye(num_outcomes, dtype=torch.float64) - 1.0 / num_outcomes)[0][:, :-1]
+    for alpha, expected_sign in [(threshold * 0.95, 1.0), (threshold * 1.05, -1.0), (10.0, -1.0)]:
+        hessian = torch.autograd.functional.hessian(functools.partial(loss, alpha=alpha), reference_logits.clone())
+        eigenvalues = torch.linalg.eigvalsh(basis.T @ hessian @ basis)
+        assert torch.all(expected_sign * eigenvalues > 0), (alpha, eigenvalues)
 
 
 def test_the_reference_never_changes_while_the_model_trains():
