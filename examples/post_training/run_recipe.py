@@ -1,7 +1,7 @@
 """Post-train the bundled var-digits with CCA or DDO, and measure it against var-digits as it is.
 
     python examples/post_training/run_recipe.py --objective cca --output-dir cca-run   # ~20 min on 2 CPU cores
-    python examples/post_training/run_recipe.py --objective ddo --output-dir ddo-run
+    python examples/post_training/run_recipe.py --objective ddo --output-dir ddo-run   # ~20 min
     diffusers-var generate --model cca-run/pipeline --guidance-scale 1.0 --top-k 0 --top-p 1.0   # no guidance
 
 Steps (each one of the project's own commands, printed before it runs, skipped when its output exists, so an
@@ -54,7 +54,7 @@ OBJECTIVE_FLAGS = {
     "cca": ["--cca_beta", "0.02", "--cca_lambda", "50"],
     # α = β = 1, not the paper's α = 10, β = 0.02: var-digits already fits its data, and past α = (2 + β)/(2 − β)
     # the reference is an unstable point of the loss (README); every α = 10, β ≤ 0.1 run misread more (2.5-4.1 %
-    # against 2.27 %), α = β = 1 for 100 steps the least (2.0 %); longer (4 rounds × 100 steps) gained nothing
+    # against 2.27 %), α = β = 1 for 100 steps 2.0-2.2 % (none meets the issue's bar); 4 rounds × 100 gained nothing
     "ddo": ["--ddo_alpha", "1", "--ddo_beta", "1.0", "--ddo_rounds", "1"],
 }
 LEARNING_RATE = {"cca": "2e-5", "ddo": "1e-5"}
