@@ -102,14 +102,13 @@ def draw_samples(
         top_p=1.0,
         generator=generators,
         output_type="latent" if fake_tokens == "sampled" else "pt",  # the decoder runs only for re-encoding
-        return_dict=True,
     )
-    if fake_tokens == "sampled":
-        return torch.cat([t.flatten(1) for t in output.token_maps], dim=1)
-    images = output.images  # (n, 3, H, W) in [0, 1]
-    pixels = (images.float() * 255).round() / 255 * 2 - 1  # what a PNG of the sample holds, in the tokenizer's range
-    with torch.autocast(torch.device(device).type, enabled=False):  # tokenized exactly as the real images are
-        token_maps = vqvae.tokenize(pixels.to(device=vqvae.device, dtype=vqvae.dtype))
+    token_maps = output.token_maps
+    if fake_tokens == "reencoded":
+        images = output.images  # (n, 3, H, W) in [0, 1]
+        pixels = (images.float() * 255).round() / 255 * 2 - 1  # what a PNG of the sample holds, in [-1, 1]
+        with torch.autocast(torch.device(device).type, enabled=False):  # tokenized exactly as the real images are
+            token_maps = vqvae.tokenize(pixels.to(device=vqvae.device, dtype=vqvae.dtype))
     return torch.cat([t.flatten(1) for t in token_maps], dim=1)
 
 
